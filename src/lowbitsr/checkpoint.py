@@ -1,0 +1,239 @@
+"""Saved models and resumable training state.
+
+A *saved model* is two files side by side::
+
+    <stem>.safetensors   the state dict (float32 tensors, CPU)
+    <stem>.json          {"format": "lowbitsr-model", "version": 1, "model": {...model_config},
+                          "quant": {...} | null, "meta": {...}}
+
+:func:`load_model` rebuilds the architecture from the JSON (``create_model(**model)``, then the
+quantization transform when ``quant`` is set) and loads the weights, so any run loads back with
+one call. A *training checkpoint* is a single safetensors file whose string metadata carries the
+JSON state (step, scheduler, best metric, ...); it is written to a temporary file and renamed, so a
+crash never leaves a partial checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "atomic_write",
+    "load_model",
+    "load_training_state",
+    "model_paths",
+    "save_model",
+    "save_training_state",
+]
+
+FORMAT = "lowbitsr-model"
+VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` then atomically rename ``tmp_path`` to ``path``.
+
+    The temporary file lives in the destination folder so the final ``os.replace`` is atomic;
+    on any exception it is removed and the previous ``path`` (if any) is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # clone() breaks storage sharing (safetensors refuses shared tensors) and moves to CPU
+    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def model_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, config)`` paths for a saved model given its folder, stem, or either file.
+
+    A folder means ``<folder>/model.safetensors``; a path ending in ``.json`` or
+    ``.safetensors`` names that pair; any other path is taken as the stem.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model"
+    elif p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    quant: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` (weights + JSON config) so :func:`load_model` can rebuild it.
+
+    Args:
+        model: a model from :func:`lowbitsr.create_model` (it carries ``model_config``), possibly
+            quantized (then pass the quantization config dict as ``quant``).
+        path: a folder (writes ``model.safetensors``/``model.json`` in it) or a stem/file path.
+        quant: plain-dict quantization config, or None for a float model.
+        meta: extra JSON-able information (training step, metrics, the command that made it).
+    Returns:
+        The path of the weights file.
+    """
+    cfg = getattr(model, "model_config", None)
+    if cfg is None:
+        raise CheckpointError(
+            "save_model: the model has no model_config; build it with lowbitsr.create_model"
+        )
+    if quant is None:
+        quant = getattr(model, "quant_config_dict", None)
+    weights, config = model_paths(path)
+    state = _plain_state(model)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": dict(cfg),
+        "quant": dict(quant) if quant is not None else None,
+        "meta": dict(meta or {}),
+    }
+    atomic_write(weights, lambda t: save_file(state, str(t), metadata={"format": FORMAT}))
+    atomic_write(config, lambda t: t.write_text(json.dumps(header, indent=2)))
+    return weights
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and load a model saved by :func:`save_model` (or a training run's folder).
+
+    Args:
+        path: the run folder, the ``.safetensors`` or ``.json`` file, or their common stem.
+    Returns:
+        The model in eval mode, on ``map_location``.
+    Raises:
+        CheckpointError: a file is missing, unreadable or does not describe a lowbitsr model.
+    """
+    from .models import create_model, load_weights
+
+    weights, config = model_paths(path)
+    if not config.is_file():
+        raise CheckpointError(
+            f"{config}: model config not found (a saved model is <name>.safetensors + <name>.json)"
+        )
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found beside {config.name}")
+    try:
+        header = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
+    if not isinstance(header, dict) or header.get("format") != FORMAT or "model" not in header:
+        raise CheckpointError(f"{config}: not a lowbitsr model config (format != {FORMAT!r})")
+    try:
+        model = create_model(**header["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config}: cannot build the model it describes ({exc})") from None
+    if header.get("quant"):
+        from .quant import config_from_dict, quantize
+
+        model = quantize(model, config_from_dict(header["quant"]), inplace=True)
+    load_weights(model, weights)
+    return model.to(map_location).eval()
+
+
+def _flatten_optimizer(opt_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().clone().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, sc in info["scalars"].items():
+        state.setdefault(int(pid), {}).update(sc)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one resumable checkpoint file atomically (model, optimizer, scheduler, RNG, step).
+
+    ``extra`` must be JSON-able (best validation PSNR, quantizer calibration flags, ...).
+    """
+    tensors = {f"model.{k}": v for k, v in _plain_state(model).items()}
+    opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    info = {
+        "step": step,
+        "optimizer": opt_info,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": dict(extra or {}),
+    }
+    meta = {"format": "lowbitsr-train-state", "state": json.dumps(info)}
+    atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
+
+
+def load_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_training_state`; returns ``{step, extra}``."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta["state"])
+    except (SafetensorsError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable lowbitsr training checkpoint ({exc})")
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the configured model ({first})"
+        ) from None
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    if scheduler is not None and info["scheduler"] is not None:
+        scheduler.load_state_dict(info["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return {"step": int(info["step"]), "extra": info["extra"]}

@@ -1,0 +1,238 @@
+"""The ``lowbitsr`` command line: parses arguments and calls the library (no logic of its own).
+
+Every user error (bad path, corrupt image, wrong checkpoint, bad config) is printed as one line
+``lowbitsr: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import LowbitsrError
+
+__all__ = ["main", "parse_dataset_spec"]
+
+DATASET_HELP = (
+    "dataset: bundled[:test|valid|train], div2k:ROOT[:FIRST-LAST], benchmark:ROOT/NAME "
+    "(EDSR-PyTorch layout, e.g. benchmark:/data/benchmark/Set5), folder:DIR (HR images; LR made "
+    "by bicubic)"
+)
+
+
+def parse_dataset_spec(spec: str) -> dict[str, Any]:
+    """Turn a ``kind:arg`` string into a dataset spec for :func:`lowbitsr.data.build_dataset`."""
+    kind, _, rest = spec.partition(":")
+    if kind == "bundled":
+        return {"type": "bundled", "split": rest or "test"}
+    if kind == "div2k":
+        root, _, rng = rest.partition(":")
+        out: dict[str, Any] = {"type": "div2k", "root": root}
+        if rng:
+            a, _, b = rng.partition("-")
+            out["index_range"] = [int(a), int(b)]
+            out["split"] = "valid" if int(a) > 800 else "train"
+        return out
+    if kind == "benchmark":
+        p = Path(rest)
+        return {"type": "benchmark", "root": str(p.parent), "name": p.name}
+    if kind == "folder":
+        return {"type": "folder", "root": rest}
+    raise LowbitsrError(f"dataset spec {spec!r} not understood; {DATASET_HELP}")
+
+
+def _load_any_model(ref: str, scale: int | None) -> tuple[Any, str]:
+    """A model from ``bicubic``, ``pretrained:NAME``/a shipped name, or a saved-model path."""
+    from .checkpoint import load_model
+    from .evaluate import Bicubic
+    from .pretrained import list_pretrained, load_pretrained
+
+    if ref == "bicubic":
+        if scale is None:
+            raise LowbitsrError("the bicubic baseline needs --scale")
+        return Bicubic(scale), "bicubic"
+    name = ref.split(":", 1)[1] if ref.startswith("pretrained:") else ref
+    if name in list_pretrained():
+        return load_pretrained(name), name
+    if not Path(ref).exists() and not Path(ref + ".json").exists():
+        raise LowbitsrError(
+            f"{ref}: no such saved model or pretrained name "
+            f"(pretrained: {', '.join(list_pretrained())})"
+        )
+    return load_model(ref), Path(ref).stem
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(scales=args.scale, out_dir=args.out, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.set or [])
+    if args.output_root:
+        overrides.append(f"output_root={args.output_root}")
+    cfg = load_config(args.config, overrides)
+    if args.require_quant and not cfg.quant:
+        raise LowbitsrError(f"{args.config}: 'lowbitsr quantize' needs a 'quant:' section")
+    res = train(cfg, resume=args.resume, device=args.device, progress=not args.quiet)
+    print(
+        json.dumps(
+            {"run_dir": str(res.run_dir), "step": res.step, "best_val_psnr": res.best_psnr}
+        )
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import build_dataset
+    from .evaluate import evaluate, format_table
+
+    rows = []
+    for ref in args.models:
+        model, name = _load_any_model(ref, args.scale)
+        scale = args.scale or model.model_config["scale"]
+        for spec_text in args.dataset:
+            spec = parse_dataset_spec(spec_text)
+            ds = build_dataset(spec, scale, "eval")
+            res = evaluate(
+                model.to(args.device) if hasattr(model, "to") else model,
+                ds,
+                scale,
+                model_name=name,
+                dataset_name=spec_text,
+                tile=args.tile,
+                device=args.device,
+                progress=not args.quiet,
+                save_dir=(Path(args.save_images) / name) if args.save_images else None,
+            )
+            rows.append(
+                {"model": name, "dataset": spec_text, "scale": scale, "images": len(res.images),
+                 "PSNR": res.psnr, "SSIM": res.ssim}
+            )
+            if args.json_dir:
+                safe = spec_text.replace("/", "_").replace(":", "_")
+                res.save_json(Path(args.json_dir) / f"{name}__{safe}.json")
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import IMAGE_EXTENSIONS, read_image, write_image
+    from .evaluate import upscale_image
+
+    model, _ = _load_any_model(args.model, args.scale)
+    scale = model.model_config["scale"]
+    src, dst = Path(args.input), Path(args.output)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise LowbitsrError(f"{src}: no images found")
+        pairs = [(f, dst / f"{f.stem}_x{scale}.png") for f in files]
+    else:
+        pairs = [(src, dst)]
+    failed = []
+    for f, out in tqdm(pairs, desc="upscale", disable=args.quiet or len(pairs) == 1):
+        try:
+            img = read_image(f, convert=args.convert)
+        except LowbitsrError as exc:
+            if len(pairs) == 1:
+                raise
+            failed.append(str(exc))  # keep going: one bad file must not lose the others' work
+            continue
+        sr = upscale_image(
+            model.to(args.device), img, scale, tile=args.tile, overlap=args.overlap,
+            device=args.device,
+        )
+        write_image(out, sr)
+        print(f"{f} -> {out} ({sr.shape[1]}x{sr.shape[0]})")
+    for msg in failed:
+        print(f"lowbitsr: skipped: {msg}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lowbitsr`` command."""
+    p = argparse.ArgumentParser(
+        prog="lowbitsr",
+        description="Ultra-low-bit quantization of super-resolution networks (DDTB, PAMS, "
+        "Granular-DQ): train, quantize, evaluate and run SR models.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="evaluate the shipped models on the bundled test images")
+    d.add_argument("--scale", type=int, nargs="*", default=None, help="scales (default: all shipped)")
+    d.add_argument("--out", default="demo_out", help="folder for the SR images (default demo_out)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+
+    for name, req_quant, help_text in (
+        ("train", False, "train a model from a YAML experiment config"),
+        ("quantize", True, "quantization-aware training (QAT) from a YAML config with quant:"),
+    ):
+        t = sub.add_parser(name, help=help_text)
+        t.add_argument("config", help="experiment YAML (see configs/)")
+        t.add_argument(
+            "--set", action="append", metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.iterations=100 (repeatable)",
+        )
+        t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+        t.add_argument("--output-root", default=None, help="override output_root")
+        t.add_argument("--device", default="cpu")
+        t.add_argument("--quiet", action="store_true")
+        t.set_defaults(func=_cmd_train, require_quant=req_quant)
+
+    e = sub.add_parser("eval", help="PSNR/SSIM (Y channel, border = scale) of models on datasets")
+    e.add_argument(
+        "models", nargs="+",
+        help="saved model paths (run folder or .safetensors), shipped names, or 'bicubic'",
+    )
+    e.add_argument("--dataset", action="append", required=True, help=DATASET_HELP)
+    e.add_argument("--scale", type=int, default=None, help="needed for 'bicubic' only")
+    e.add_argument("--tile", type=int, default=0, help="tile size in LR pixels (0 = whole image)")
+    e.add_argument("--json-dir", default=None, help="write per-image JSON results here")
+    e.add_argument("--save-images", default=None, help="write SR images here")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    u = sub.add_parser("upscale", help="super-resolve one image or a folder of images")
+    u.add_argument("model", help="saved model path or shipped name")
+    u.add_argument("input", help="image file or folder")
+    u.add_argument("output", help="output image file (or folder when input is a folder)")
+    u.add_argument("--tile", type=int, default=256, help="LR tile size (0 = whole image)")
+    u.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
+    u.add_argument("--convert", action="store_true", help="accept greyscale/RGBA (made RGB)")
+    u.add_argument("--scale", type=int, default=None)
+    u.add_argument("--device", default="cpu")
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=_cmd_upscale)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowbitsr`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LowbitsrError as exc:
+        print(f"lowbitsr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbitsr: interrupted (a resumable checkpoint is kept for train/quantize)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Inference (whole-image or tiled) and benchmark evaluation with the standard SR protocol.
+
+Protocol (METHODS §3): the SR output is rounded to integers in [0, 255]; PSNR and SSIM are
+measured on the Y channel (BT.601, MATLAB coefficients) after cropping ``scale`` pixels from
+every border; the HR image is cropped to LR size × scale by the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .imresize import imresize
+from .metrics import psnr, ssim
+
+__all__ = [
+    "Bicubic",
+    "EvalResult",
+    "ImageResult",
+    "evaluate",
+    "format_table",
+    "super_resolve",
+    "tile_boxes",
+    "upscale_image",
+]
+
+
+class Bicubic(nn.Module):
+    """The bicubic baseline as a "model": MATLAB-compatible bicubic upscaling.
+
+    Input (N, 3, H, W) float in [0, 255]; output (N, 3, sH, sW) float in [0, 255] (uint8-valued).
+    """
+
+    def __init__(self, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.model_config = {"name": "bicubic", "scale": scale}
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        out = []
+        for img in lr:
+            arr = img.clamp(0, 255).round().permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+            up = imresize(arr, float(self.scale))
+            out.append(torch.from_numpy(up).permute(2, 0, 1).float())
+        return torch.stack(out).to(lr.device)
+
+
+def tile_boxes(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping core boxes ``(y0, y1, x0, x1)`` of at most ``tile`` pixels covering the image.
+
+    The grid is regular except the last row/column, which is shorter; boxes are in row-major order.
+    """
+    if tile <= 0:
+        return [(0, height, 0, width)]
+    ys = list(range(0, height, tile))
+    xs = list(range(0, width, tile))
+    return [(y, min(y + tile, height), x, min(x + tile, width)) for y in ys for x in xs]
+
+
+def _iter_tiles(
+    lr: torch.Tensor, tile: int, overlap: int
+) -> Iterator[tuple[tuple[int, int, int, int], tuple[int, int, int, int], torch.Tensor]]:
+    """Yield ``(core_box, padded_box, lr_patch)``; the patch is the core box grown by ``overlap``."""
+    h, w = lr.shape[-2:]
+    for y0, y1, x0, x1 in tile_boxes(h, w, tile):
+        py0, py1 = max(0, y0 - overlap), min(h, y1 + overlap)
+        px0, px1 = max(0, x0 - overlap), min(w, x1 + overlap)
+        yield (y0, y1, x0, x1), (py0, py1, px0, px1), lr[..., py0:py1, px0:px1]
+
+
+@torch.no_grad()
+def super_resolve(
+    model: nn.Module,
+    lr: torch.Tensor,
+    scale: int,
+    *,
+    tile: int = 0,
+    overlap: int = 16,
+) -> torch.Tensor:
+    """Run ``model`` on ``lr``, optionally tile by tile to bound memory.
+
+    Args:
+        model: maps (N, 3, h, w) → (N, 3, scale·h, scale·w), values in [0, rgb_range].
+        lr: (N, 3, H, W) float tensor on the model's device.
+        scale: the model's upscaling factor.
+        tile: core tile size in LR pixels (0 = whole image in one pass).
+        overlap: LR pixels of context added on each side of a tile and discarded after the
+            forward pass; tiled output equals the whole-image output wherever the network's
+            receptive field fits in the overlap, and differs slightly near tile seams otherwise.
+    Returns:
+        (N, 3, scale·H, scale·W) float tensor (not rounded or clamped).
+    """
+    if tile <= 0:
+        return model(lr)
+    n, c, h, w = lr.shape
+    out = lr.new_empty((n, c, h * scale, w * scale))
+    for (y0, y1, x0, x1), (py0, _, px0, _), patch in _iter_tiles(lr, tile, overlap):
+        sr = model(patch)
+        oy, ox = (y0 - py0) * scale, (x0 - px0) * scale
+        out[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] = sr[
+            ..., oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale
+        ]
+    return out
+
+
+def _to_uint8(sr: torch.Tensor, rgb_range: float = 255.0) -> np.ndarray:
+    """(3, H, W) float in [0, rgb_range] → uint8 H×W×3 (rounded, clipped)."""
+    t = (sr * (255.0 / rgb_range)).round().clamp(0, 255).to(torch.uint8)
+    return t.permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def upscale_image(
+    model: nn.Module,
+    image: np.ndarray,
+    scale: int,
+    *,
+    tile: int = 0,
+    overlap: int = 16,
+    device: str | torch.device = "cpu",
+    rgb_range: float = 255.0,
+) -> np.ndarray:
+    """Super-resolve one uint8 H×W×3 image; returns uint8 (scale·H)×(scale·W)×3.
+
+    With ``tile > 0`` only one tile's activations live at a time and each tile's output is
+    written straight into the uint8 result, so peak memory is the output image plus one tile.
+    """
+    h, w = image.shape[:2]
+    lr = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    lr = lr * (rgb_range / 255.0)
+    if tile <= 0:
+        return _to_uint8(model(lr.to(device))[0], rgb_range)
+    out = np.empty((h * scale, w * scale, 3), dtype=np.uint8)
+    for (y0, y1, x0, x1), (py0, _, px0, _), patch in _iter_tiles(lr, tile, overlap):
+        sr = model(patch.to(device))[0]
+        oy, ox = (y0 - py0) * scale, (x0 - px0) * scale
+        core = sr[:, oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale]
+        out[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = _to_uint8(core, rgb_range)
+    return out
+
+
+@dataclass
+class ImageResult:
+    """Metrics of one image (PSNR in dB, SSIM in [0, 1])."""
+
+    name: str
+    psnr: float
+    ssim: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """All per-image results of one model on one dataset, with their means."""
+
+    model: str
+    dataset: str
+    scale: int
+    images: list[ImageResult]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def psnr(self) -> float:
+        """Mean PSNR over images (dB); ``inf`` entries are skipped."""
+        vals = [r.psnr for r in self.images if math.isfinite(r.psnr)]
+        return float(np.mean(vals)) if vals else float("inf")
+
+    @property
+    def ssim(self) -> float:
+        """Mean SSIM over images."""
+        return float(np.mean([r.ssim for r in self.images]))
+
+    def extra_mean(self, key: str) -> float:
+        """Mean of a per-image extra metric (e.g. ``fab``)."""
+        return float(np.mean([r.extra[key] for r in self.images]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict with per-image rows and the means."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "scale": self.scale,
+            "psnr": self.psnr,
+            "ssim": self.ssim,
+            "info": self.info,
+            "images": [asdict(r) for r in self.images],
+        }
+
+    def save_json(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` to ``path`` (parent folders created)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    scale: int,
+    *,
+    model_name: str = "model",
+    dataset_name: str = "dataset",
+    crop_border: int | None = None,
+    tile: int = 0,
+    overlap: int = 16,
+    device: str | torch.device = "cpu",
+    rgb_range: float = 255.0,
+    progress: bool = True,
+    save_dir: str | Path | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on every image of ``dataset`` (eval mode: whole images).
+
+    Args:
+        model: SR model taking (1, 3, h, w) in [0, rgb_range].
+        dataset: yields ``{"lr": (3,h,w), "hr": (3,sh,sw), "name": str}`` in [0, 255].
+        scale: upscaling factor; also the default ``crop_border``.
+        tile, overlap: see :func:`super_resolve`.
+        save_dir: if given, each SR output is written there as ``<name>.png``.
+    Returns:
+        :class:`EvalResult` with PSNR/SSIM (Y channel, border cropped) per image.
+    """
+    from .data import write_image
+
+    crop = scale if crop_border is None else crop_border
+    was_training = model.training
+    model.eval()
+    rows: list[ImageResult] = []
+    it = tqdm(range(len(dataset)), desc=f"eval {model_name}", disable=not progress, leave=False)
+    for i in it:
+        item = dataset[i]
+        lr = item["lr"][None].to(device) * (rgb_range / 255.0)
+        sr = super_resolve(model, lr, scale, tile=tile, overlap=overlap)[0]
+        sr8 = _to_uint8(sr, rgb_range)
+        hr8 = item["hr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        rows.append(
+            ImageResult(item["name"], psnr(sr8, hr8, crop_border=crop), ssim(sr8, hr8, crop_border=crop))
+        )
+        if save_dir is not None:
+            write_image(Path(save_dir) / f"{item['name']}.png", sr8)
+    model.train(was_training)
+    return EvalResult(model_name, dataset_name, scale, rows)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Render dict rows as a Markdown table (floats with 2–4 decimals)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if math.isinf(v):
+                return "inf"
+            return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join([line, sep, *body])
