@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -141,7 +141,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     try:
         header = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
+        raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or "model" not in header:
         raise CheckpointError(f"{config}: not a lowbitsr model config (format != {FORMAT!r})")
     try:
@@ -222,8 +222,10 @@ def load_training_state(
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         info = json.loads(meta["state"])
-    except (SafetensorsError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable lowbitsr training checkpoint ({exc})")
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable lowbitsr training checkpoint ({exc})"
+        ) from None
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_state)

@@ -85,9 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise LowbitsrError(f"{args.config}: 'lowbitsr quantize' needs a 'quant:' section")
     res = train(cfg, resume=args.resume, device=args.device, progress=not args.quiet)
     print(
-        json.dumps(
-            {"run_dir": str(res.run_dir), "step": res.step, "best_val_psnr": res.best_psnr}
-        )
+        json.dumps({"run_dir": str(res.run_dir), "step": res.step, "best_val_psnr": res.best_psnr})
     )
     return 0
 
@@ -97,9 +95,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
 
     rows = []
+    scale = args.scale
+    if scale is None:  # 'bicubic' takes the scale of the first real model given
+        for ref in args.models:
+            if ref != "bicubic":
+                scale = _load_any_model(ref, None)[0].model_config["scale"]
+                break
     for ref in args.models:
-        model, name = _load_any_model(ref, args.scale)
-        scale = args.scale or model.model_config["scale"]
+        model, name = _load_any_model(ref, scale)
+        if model.model_config["scale"] != scale:
+            raise LowbitsrError(f"{ref} is a x{model.model_config['scale']} model, not x{scale}")
         for spec_text in args.dataset:
             spec = parse_dataset_spec(spec_text)
             ds = build_dataset(spec, scale, "eval")
@@ -115,8 +120,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 save_dir=(Path(args.save_images) / name) if args.save_images else None,
             )
             rows.append(
-                {"model": name, "dataset": spec_text, "scale": scale, "images": len(res.images),
-                 "PSNR": res.psnr, "SSIM": res.ssim}
+                {
+                    "model": name,
+                    "dataset": spec_text,
+                    "scale": scale,
+                    "images": len(res.images),
+                    "PSNR": res.psnr,
+                    "SSIM": res.ssim,
+                }
             )
             if args.json_dir:
                 safe = spec_text.replace("/", "_").replace(":", "_")
@@ -151,7 +162,11 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             failed.append(str(exc))  # keep going: one bad file must not lose the others' work
             continue
         sr = upscale_image(
-            model.to(args.device), img, scale, tile=args.tile, overlap=args.overlap,
+            model.to(args.device),
+            img,
+            scale,
+            tile=args.tile,
+            overlap=args.overlap,
             device=args.device,
         )
         write_image(out, sr)
@@ -171,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="evaluate the shipped models on the bundled test images")
-    d.add_argument("--scale", type=int, nargs="*", default=None, help="scales (default: all shipped)")
+    d.add_argument(
+        "--scale", type=int, nargs="*", default=None, help="scales (default: all shipped)"
+    )
     d.add_argument("--out", default="demo_out", help="folder for the SR images (default demo_out)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -184,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         t = sub.add_parser(name, help=help_text)
         t.add_argument("config", help="experiment YAML (see configs/)")
         t.add_argument(
-            "--set", action="append", metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
             help="override a config key, e.g. --set train.iterations=100 (repeatable)",
         )
         t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
@@ -195,11 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="PSNR/SSIM (Y channel, border = scale) of models on datasets")
     e.add_argument(
-        "models", nargs="+",
+        "models",
+        nargs="+",
         help="saved model paths (run folder or .safetensors), shipped names, or 'bicubic'",
     )
     e.add_argument("--dataset", action="append", required=True, help=DATASET_HELP)
-    e.add_argument("--scale", type=int, default=None, help="needed for 'bicubic' only")
+    e.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="needed for 'bicubic' when no other model is given (else taken from the models)",
+    )
     e.add_argument("--tile", type=int, default=0, help="tile size in LR pixels (0 = whole image)")
     e.add_argument("--json-dir", default=None, help="write per-image JSON results here")
     e.add_argument("--save-images", default=None, help="write SR images here")
@@ -230,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowbitsr: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbitsr: interrupted (a resumable checkpoint is kept for train/quantize)", file=sys.stderr)
+        print(
+            "lowbitsr: interrupted (a resumable checkpoint is kept for train/quantize)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -14,11 +14,13 @@ One YAML file describes one experiment, with fixed top-level sections (BasicSR-l
 Every key is checked when the file is loaded: an unknown key or a value of the wrong type raises
 :class:`~lowbitsr.errors.ConfigError` naming the dotted key, so a typo never silently falls back to
 a default. ``dataset`` and ``quant`` sections are free-form mappings here and are validated by the
-code that consumes them (:func:`lowbitsr.data.build_dataset`, :func:`lowbitsr.quant.config_from_dict`).
+code that consumes them (:func:`lowbitsr.data.build_dataset`,
+:func:`lowbitsr.quant.config_from_dict`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -132,7 +134,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (and convert lists to tuples, ints to floats)."""
+    """Check ``value`` against the annotation ``tp``; lists become tuples, ints become floats."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -162,12 +164,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(
                 f"config key '{key}': expected a list of {len(args)} values, got {value!r}"
             )
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
     if origin is list:
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept what is clearly a number
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -246,9 +253,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = ()
-) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or start from defaults when ``path`` is None), apply overrides.
 
     Raises:

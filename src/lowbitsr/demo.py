@@ -58,12 +58,22 @@ def demo_rows(
         for name, bits, model in candidates:
             model = model.to(device)
             res = evaluate(
-                model, ds, scale, model_name=name, dataset_name="bundled:test",
-                device=device, progress=progress,
+                model,
+                ds,
+                scale,
+                model_name=name,
+                dataset_name="bundled:test",
+                device=device,
+                progress=progress,
             )
             rows.append(
-                {"scale": f"x{scale}", "model": name, "bits (W/A)": bits,
-                 "PSNR": res.psnr, "SSIM": res.ssim}
+                {
+                    "scale": f"x{scale}",
+                    "model": name,
+                    "bits (W/A)": bits,
+                    "PSNR": res.psnr,
+                    "SSIM": res.ssim,
+                }
             )
             if out_dir is not None:
                 res.save_json(Path(out_dir) / f"{name}.json")

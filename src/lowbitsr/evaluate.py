@@ -55,7 +55,7 @@ class Bicubic(nn.Module):
 
 
 def tile_boxes(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
-    """Non-overlapping core boxes ``(y0, y1, x0, x1)`` of at most ``tile`` pixels covering the image.
+    """Non-overlapping core boxes ``(y0, y1, x0, x1)``, at most ``tile`` pixels, covering the image.
 
     The grid is regular except the last row/column, which is shorter; boxes are in row-major order.
     """
@@ -69,7 +69,7 @@ def tile_boxes(height: int, width: int, tile: int) -> list[tuple[int, int, int, 
 def _iter_tiles(
     lr: torch.Tensor, tile: int, overlap: int
 ) -> Iterator[tuple[tuple[int, int, int, int], tuple[int, int, int, int], torch.Tensor]]:
-    """Yield ``(core_box, padded_box, lr_patch)``; the patch is the core box grown by ``overlap``."""
+    """Yield ``(core_box, padded_box, lr_patch)``: core box grown by ``overlap``."""
     h, w = lr.shape[-2:]
     for y0, y1, x0, x1 in tile_boxes(h, w, tile):
         py0, py1 = max(0, y0 - overlap), min(h, y1 + overlap)
@@ -243,7 +243,9 @@ def evaluate(
         sr8 = _to_uint8(sr, rgb_range)
         hr8 = item["hr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         rows.append(
-            ImageResult(item["name"], psnr(sr8, hr8, crop_border=crop), ssim(sr8, hr8, crop_border=crop))
+            ImageResult(
+                item["name"], psnr(sr8, hr8, crop_border=crop), ssim(sr8, hr8, crop_border=crop)
+            )
         )
         if save_dir is not None:
             write_image(Path(save_dir) / f"{item['name']}.png", sr8)
@@ -266,7 +268,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    body = [
+        "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |"
+        for row in cells
+    ]
     return "\n".join([line, sep, *body])

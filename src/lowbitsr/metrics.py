@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["crop_to_multiple", "psnr", "rgb_to_y", "ssim"]
+__all__ = ["match_hr_to_sr", "psnr", "rgb_to_y", "ssim"]
 
 # MATLAB rgb2ycbcr, Y row, for RGB in [0, 255]: Y = (65.481 R + 128.553 G + 24.966 B) / 255 + 16.
 _Y_COEFFS = (65.481, 128.553, 24.966)
@@ -65,44 +65,41 @@ def rgb_to_y(img: ArrayOrTensor) -> ArrayOrTensor:
     return arr @ np.asarray(_Y_COEFFS, dtype=np.float64) / 255.0 + _Y_OFFSET
 
 
-def crop_to_multiple(
-    image: ArrayOrTensor, scale: int, lr_shape: tuple[int, int] | None = None
-) -> ArrayOrTensor:
-    """Crop an HR image from the bottom/right so it matches the LR image times ``scale``.
+def _spatial_hw(img: ArrayOrTensor) -> tuple[int, int]:
+    """(H, W) of a numpy ``H x W [x C]`` array or a torch ``... x H x W`` tensor."""
+    if img.ndim < 2:
+        raise ValueError(f"expected an image, got shape {tuple(img.shape)}")
+    if isinstance(img, torch.Tensor):
+        return int(img.shape[-2]), int(img.shape[-1])
+    return int(img.shape[0]), int(img.shape[1])
+
+
+def match_hr_to_sr(hr: ArrayOrTensor, sr: ArrayOrTensor) -> ArrayOrTensor:
+    """Crop the HR image from the bottom/right to the spatial size of the SR output.
+
+    The benchmarks compare against HR cropped to ``LR size x scale`` (METHODS.md §3); the SR
+    output has exactly that size, so cropping HR to it applies the convention.
 
     Args:
-        image: numpy ``H x W`` / ``H x W x C`` or torch ``... x H x W``.
-        scale: Integer SR scale factor (>= 1).
-        lr_shape: ``(lr_h, lr_w)`` of the LR image. The result is then
-            ``lr_h * scale x lr_w * scale`` (the benchmark convention). Without it, H and W are
-            rounded down to multiples of ``scale``.
+        hr: numpy ``H x W`` / ``H x W x C`` or torch ``... x H x W``.
+        sr: Same conventions (it may be of the other kind); only its H and W are used.
 
     Returns:
-        A view of ``image`` with the spatial size cropped; dtype and other axes unchanged.
+        A view of ``hr`` of spatial size ``sr``'s; dtype and other axes unchanged.
 
     Raises:
-        ValueError: ``scale`` is not a positive int, or the image is smaller than
-            ``lr_shape * scale``.
+        ValueError: ``hr`` is smaller than ``sr`` in H or W.
     """
-    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
-        raise ValueError(f"crop_to_multiple needs an integer scale >= 1, got {scale}")
-    scale = int(scale)
-    is_tensor = isinstance(image, torch.Tensor)
-    if image.ndim < 2:
-        raise ValueError(f"crop_to_multiple needs an image, got shape {tuple(image.shape)}")
-    h, w = (image.shape[-2], image.shape[-1]) if is_tensor else (image.shape[0], image.shape[1])
-    if lr_shape is None:
-        out_h, out_w = h - h % scale, w - w % scale
-    else:
-        out_h, out_w = int(lr_shape[0]) * scale, int(lr_shape[1]) * scale
-        if out_h > h or out_w > w:
-            raise ValueError(
-                f"HR image {h}x{w} is smaller than LR {lr_shape[0]}x{lr_shape[1]} x{scale} = "
-                f"{out_h}x{out_w}; check that the HR and LR files belong together"
-            )
-    if is_tensor:
-        return image[..., :out_h, :out_w]
-    return image[:out_h, :out_w]
+    h, w = _spatial_hw(hr)
+    out_h, out_w = _spatial_hw(sr)
+    if out_h > h or out_w > w:
+        raise ValueError(
+            f"HR image {h}x{w} is smaller than the SR output {out_h}x{out_w}; check that the HR "
+            "and LR files belong together and the scale is right"
+        )
+    if isinstance(hr, torch.Tensor):
+        return hr[..., :out_h, :out_w]
+    return hr[:out_h, :out_w]
 
 
 def _to_nhwc_255(img: ArrayOrTensor, rgb_range: float, name: str) -> np.ndarray:
@@ -155,7 +152,7 @@ def _prepare(
     if a.shape != b.shape:
         raise ValueError(
             f"sr shape {tuple(sr.shape)} does not match hr shape {tuple(hr.shape)}; crop hr "
-            "to the sr size first (see lowbitsr.metrics.crop_to_multiple)"
+            "to the sr size first (see lowbitsr.metrics.match_hr_to_sr)"
         )
     if test_y_channel:
         if a.shape[-1] != 3:

@@ -240,9 +240,7 @@ def train(
         nonlocal best
         if val_set is None:
             return None
-        res = evaluate(
-            model, val_set, scale, tile=tc.val_tile, device=device, progress=False
-        )
+        res = evaluate(model, val_set, scale, tile=tc.val_tile, device=device, progress=False)
         rec = {"step": step, "val_psnr": res.psnr, "val_ssim": res.ssim}
         history.append(rec)
         _log(run_dir, rec)
@@ -270,7 +268,8 @@ def train(
                 bar.close()
                 raise LowbitsrError(
                     f"{cfg.name}: loss was not finite in {nonfinite} steps (last at step {step}); "
-                    f"stopped. The last good checkpoint is {ckpt}; lower train.lr or check the data."
+                    f"stopped. The last good checkpoint is {ckpt}; "
+                    "lower train.lr or check the data."
                 )
             step += 1  # skip this batch: the data stream stays aligned with the step count
             continue

@@ -132,8 +132,12 @@ def _decoded_to_rgb(im: Image.Image, path: Path, convert: bool, sixteen: bool) -
             fixes.append("replicate the grey channel to RGB")
         if has_transparency:
             fixes.append("drop the alpha channel")
-        raise ImageError(f"{path}: image {' and '.join(problems)}; {_CONVERT_HINT} to {' and '.join(fixes)}")
-    return np.ascontiguousarray(rgb, dtype=np.uint8)
+        raise ImageError(
+            f"{path}: image {' and '.join(problems)}; {_CONVERT_HINT} to {' and '.join(fixes)}"
+        )
+    out = np.ascontiguousarray(rgb, dtype=np.uint8)
+    # Arrays viewing Pillow's buffer are read-only; callers expect to own the pixels.
+    return out if out.flags.writeable else out.copy()
 
 
 def read_image(
@@ -166,8 +170,8 @@ def read_image(
     """
     path = Path(path)
     if not path.is_file():
-        what = "is a directory, not an image file" if path.is_dir() else "not found"
-        raise ImageError(f"{path}: image file {what}; check the path")
+        what = "is a directory, not an image file" if path.is_dir() else "image file not found"
+        raise ImageError(f"{path}: {what}; check the path")
     with warnings.catch_warnings():
         # Our own max_pixels check below replaces Pillow's size warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -257,12 +261,14 @@ def write_image(path: str | os.PathLike[str], img: np.ndarray) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         # open(..., "xb") rather than mkstemp so the final file gets the usual umask permissions.
         with open(tmp, "xb") as fh:
-            Image.fromarray(np.ascontiguousarray(data), mode=None).save(fh, format=fmt, **options)
+            Image.fromarray(np.ascontiguousarray(data)).save(fh, format=fmt, **options)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise ImageError(f"{path}: could not write image ({exc}); check the folder and disk space") from exc
+        raise ImageError(
+            f"{path}: could not write image ({exc}); check the folder and disk space"
+        ) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

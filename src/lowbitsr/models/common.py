@@ -19,7 +19,9 @@ __all__ = ["DIV2K_RGB_MEAN", "MeanShift", "Upsampler", "default_conv", "supporte
 DIV2K_RGB_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
 
 
-def default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+def default_conv(
+    in_channels: int, out_channels: int, kernel_size: int, bias: bool = True
+) -> nn.Conv2d:
     """A stride-1 ``nn.Conv2d`` with "same" padding (``kernel_size // 2``), bias on by default."""
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 

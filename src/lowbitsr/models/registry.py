@@ -11,6 +11,7 @@ if a variant's defaults change later.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -99,6 +100,8 @@ def create_model(name: str, scale: int = 4, **overrides: Any) -> nn.Module:
         ValueError: unknown model name, unsupported scale, or an override the model does not take.
     """
     entry = _entry(name)
+    if isinstance(scale, numbers.Integral) and not isinstance(scale, bool):
+        scale = int(scale)  # numpy / torch integers from configs and CLIs
     if isinstance(scale, bool) or not isinstance(scale, int) or scale not in entry.scales:
         allowed = ", ".join(str(s) for s in entry.scales)
         raise ValueError(f"{name} does not support scale {scale!r}; allowed scales: {allowed}")

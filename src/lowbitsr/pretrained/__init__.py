@@ -22,9 +22,7 @@ _DIR = Path(__file__).resolve().parent
 
 def list_pretrained() -> list[str]:
     """Names of the shipped models, sorted."""
-    return sorted(
-        p.stem for p in _DIR.glob("*.json") if p.with_suffix(".safetensors").is_file()
-    )
+    return sorted(p.stem for p in _DIR.glob("*.json") if p.with_suffix(".safetensors").is_file())
 
 
 def pretrained_info(name: str) -> dict[str, Any]:
@@ -32,7 +30,8 @@ def pretrained_info(name: str) -> dict[str, Any]:
     path = _DIR / f"{name}.json"
     if not path.is_file():
         raise CheckpointError(
-            f"no pretrained model named {name!r}; available: {', '.join(list_pretrained()) or 'none'}"
+            f"no pretrained model named {name!r}; "
+            f"available: {', '.join(list_pretrained()) or 'none'}"
         )
     return json.loads(path.read_text())
 

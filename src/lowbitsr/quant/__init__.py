@@ -1,0 +1,1 @@
+"""Quantizers for super-resolution networks: pure math in :mod:`lowbitsr.quant.functional`."""

@@ -1,0 +1,155 @@
+"""The command line: help texts, one-line errors for bad input, and real runs on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lowbitsr.checkpoint import save_model
+from lowbitsr.cli import main, parse_dataset_spec
+from lowbitsr.models import create_model
+
+
+@pytest.fixture
+def tiny_saved(tmp_path):
+    model = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=8)
+    save_model(model, tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbitsr: error:"), err
+    assert len(err.splitlines()) == 1, err  # no traceback
+    assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("cmd", ["demo", "train", "quantize", "eval", "upscale"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    assert "usage: lowbitsr" in capsys.readouterr().out
+
+
+def test_dataset_specs():
+    assert parse_dataset_spec("bundled") == {"type": "bundled", "split": "test"}
+    assert parse_dataset_spec("benchmark:/d/benchmark/Set5") == {
+        "type": "benchmark",
+        "root": "/d/benchmark",
+        "name": "Set5",
+    }
+    spec = parse_dataset_spec("div2k:/d/DIV2K:801-810")
+    assert spec["index_range"] == [801, 810] and spec["split"] == "valid"
+
+
+def test_upscale_file_and_folder(tiny_saved, image_folder, tmp_path, capsys):
+    out = tmp_path / "sr.png"
+    assert (
+        main(
+            [
+                "upscale",
+                str(tiny_saved),
+                str(image_folder / "img0.png"),
+                str(out),
+                "--tile",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert Image.open(out).size == (96, 96)
+    assert (
+        main(["upscale", str(tiny_saved), str(image_folder), str(tmp_path / "o"), "--quiet"]) == 0
+    )
+    assert len(list((tmp_path / "o").glob("*_x2.png"))) == 4
+
+
+def test_upscale_missing_file(tiny_saved, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    assert main(["upscale", str(tiny_saved), str(missing), str(tmp_path / "o.png")]) == 2
+    one_line_error(capsys, "nope.png")
+
+
+def test_upscale_corrupt_file(tiny_saved, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    assert main(["upscale", str(tiny_saved), str(bad), str(tmp_path / "o.png")]) == 2
+    one_line_error(capsys, "broken.png")
+
+
+def test_upscale_greyscale_needs_convert(tiny_saved, tmp_path, capsys):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((20, 20), 100, np.uint8)).save(grey)
+    assert main(["upscale", str(tiny_saved), str(grey), str(tmp_path / "o.png")]) == 2
+    one_line_error(capsys, "grey.png")
+    assert main(["upscale", str(tiny_saved), str(grey), str(tmp_path / "o.png"), "--convert"]) == 0
+
+
+def test_upscale_rgba_refused(tiny_saved, tmp_path, capsys):
+    rgba = tmp_path / "alpha.png"
+    arr = np.zeros((12, 12, 4), np.uint8)
+    arr[..., 3] = 128
+    Image.fromarray(arr).save(rgba)
+    assert main(["upscale", str(tiny_saved), str(rgba), str(tmp_path / "o.png")]) == 2
+    one_line_error(capsys, "alpha.png")
+
+
+def test_folder_with_one_bad_file_keeps_the_others(tiny_saved, image_folder, tmp_path, capsys):
+    (image_folder / "zz_bad.png").write_bytes(b"not an image")
+    assert (
+        main(["upscale", str(tiny_saved), str(image_folder), str(tmp_path / "o"), "--quiet"]) == 1
+    )
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
+    assert "zz_bad.png" in capsys.readouterr().err
+
+
+def test_wrong_architecture_checkpoint(tiny_saved, tmp_path, capsys):
+    cfg = json.loads((tiny_saved.with_suffix(".json")).read_text())
+    cfg["model"]["n_feats"] = 16  # claims another architecture than the weights hold
+    (tmp_path / "liar.json").write_text(json.dumps(cfg))
+    (tmp_path / "liar.safetensors").write_bytes(tiny_saved.with_suffix(".safetensors").read_bytes())
+    img = tmp_path / "i.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    assert main(["upscale", str(tmp_path / "liar"), str(img), str(tmp_path / "o.png")]) == 2
+    one_line_error(capsys, "liar.safetensors")
+
+
+def test_train_bad_config_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  itrations: 3\n")
+    assert main(["train", str(cfg)]) == 2
+    one_line_error(capsys, "train.itrations")
+    assert main(["quantize", str(tmp_path / "c.yaml"), "--set", "train.itrations=1"]) == 2
+
+
+def test_eval_folder_json(tiny_saved, image_folder, tmp_path, capsys):
+    code = main(
+        [
+            "eval",
+            str(tiny_saved),
+            "bicubic",
+            "--dataset",
+            f"folder:{image_folder}",
+            "--json-dir",
+            str(tmp_path / "j"),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "bicubic" in out and "PSNR" in out
+    files = sorted((tmp_path / "j").glob("*.json"))
+    assert len(files) == 2
+    rows = json.loads(files[0].read_text())["images"]
+    assert len(rows) == 4 and all(r["psnr"] > 10 for r in rows)
+
+
+def test_eval_missing_dataset(tiny_saved, tmp_path, capsys):
+    assert main(["eval", str(tiny_saved), "--dataset", f"folder:{tmp_path / 'empty'}"]) == 2
+    one_line_error(capsys, "empty")
