@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,6 +34,7 @@ __all__ = [
     "load_model",
     "load_training_state",
     "model_paths",
+    "peek_training_state",
     "save_model",
     "save_training_state",
 ]
@@ -206,6 +207,19 @@ def save_training_state(
     atomic_write(path, lambda t: save_file(tensors, str(t), metadata=meta))
 
 
+def peek_training_state(path: str | Path) -> dict[str, Any]:
+    """The JSON part of a training checkpoint (``step``, ``extra``, ...) without its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["state"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable lowbitsr training checkpoint ({exc})"
+        ) from None
+
+
 def load_training_state(
     path: str | Path,
     *,
@@ -215,13 +229,9 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_training_state`; returns ``{step, extra}``."""
     path = Path(path)
+    info = peek_training_state(path)
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        info = json.loads(meta["state"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"{path}: not a readable lowbitsr training checkpoint ({exc})"

@@ -30,7 +30,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_state, save_model, save_training_state
+from .checkpoint import (
+    load_training_state,
+    peek_training_state,
+    save_model,
+    save_training_state,
+)
 from .config import ExperimentConfig, config_to_dict, save_config
 from .errors import LowbitsrError
 
@@ -92,8 +97,22 @@ class Recipe:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
-    def prepare(self, model: nn.Module, loader_iter: Iterator[dict[str, Any]]) -> nn.Module:
-        """Return the model to train (e.g. the quantized student); may consume calibration data."""
+    def prepare(
+        self,
+        model: nn.Module,
+        batches: Iterator[dict[str, Any]],
+        resume_state: dict[str, Any] | None = None,
+    ) -> nn.Module:
+        """Return the model to train (e.g. the quantized student).
+
+        Args:
+            model: the float model (``init`` weights loaded), on the training device.
+            batches: an endless stream of training batches (``{"lr", "hr", "name"}``, on CPU)
+                reserved for calibration; consuming it does not shift the training data.
+            resume_state: on resume, the dict :meth:`state` returned when the checkpoint was
+                written. The recipe must rebuild the same module structure (e.g. which layers
+                carry gates) without calibrating; the checkpoint's tensors are loaded afterwards.
+        """
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -112,8 +131,9 @@ class Recipe:
         """JSON-able recipe state saved in checkpoints (e.g. calibration done)."""
         return {}
 
-    def load_state(self, state: dict[str, Any], model: nn.Module) -> None:
-        """Restore :meth:`state` on resume."""
+    def selectable(self, step: int) -> bool:
+        """Whether the model after ``step`` may be kept as the best one (e.g. not mid-schedule)."""
+        return True
 
     def quant_dict(self) -> dict[str, Any] | None:
         """Plain-dict quantization config saved beside the weights (None for float models)."""
@@ -204,8 +224,9 @@ def train(
         return iter(loader)
 
     model = build_model(cfg).to(device)
+    resume_state = peek_training_state(ckpt)["extra"].get("recipe", {}) if resuming else None
     # calibration batches come from their own stream so they never shift the training data
-    model = recipe.prepare(model, make_loader(10_000_000) if not resuming else iter(()))
+    model = recipe.prepare(model, make_loader(10_000_000), resume_state)
     model = model.to(device).train()
     groups = recipe.param_groups(model)
     opt = torch.optim.Adam(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -220,7 +241,6 @@ def train(
         st = load_training_state(ckpt, model=model, optimizer=opt, scheduler=sched)
         start = st["step"]
         best = st["extra"].get("best_psnr", -math.inf)
-        recipe.load_state(st["extra"].get("recipe", {}), model)
     elif ckpt.exists():
         ckpt.unlink()  # a fresh run must not later resume a stale state
     if start == 0 and (run_dir / "log.jsonl").exists():
@@ -244,7 +264,7 @@ def train(
         rec = {"step": step, "val_psnr": res.psnr, "val_ssim": res.ssim}
         history.append(rec)
         _log(run_dir, rec)
-        if res.psnr > best:
+        if res.psnr > best and recipe.selectable(step):
             best = res.psnr
             save_model(model, run_dir / "best", quant=recipe.quant_dict(), meta=rec)
         return res.psnr

@@ -1,1 +1,59 @@
-"""Quantizers for super-resolution networks: pure math in :mod:`lowbitsr.quant.functional`."""
+"""Quantization of SR networks by module swap: DDTB, PAMS (and the pure math they share).
+
+* :mod:`~lowbitsr.quant.functional`: pure fake-quant functions with straight-through gradients.
+* :mod:`~lowbitsr.quant.layers`: quantized conv / activation / gate modules and block wrappers.
+* :func:`quantize` (``{config type -> transform}`` table), :func:`calibrate`, trainer helpers.
+* :mod:`~lowbitsr.quant.recipes`: QAT with distillation for the shared training loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .apply import (
+    bound_parameters,
+    config_from_dict,
+    config_to_dict,
+    dequantize,
+    gate_parameters,
+    gate_regularizer,
+    is_quantized,
+    quantize,
+    quantized_convs,
+    quantizers,
+    set_gates_applied,
+)
+from .calibrate import attach_gates, calibrate, gated_layer_names
+from .ddtb import DDTBConfig
+from .pams import PAMSConfig
+
+if TYPE_CHECKING:
+    from ..config import ExperimentConfig
+    from ..train import Recipe
+
+__all__ = [
+    "DDTBConfig",
+    "PAMSConfig",
+    "attach_gates",
+    "bound_parameters",
+    "calibrate",
+    "config_from_dict",
+    "config_to_dict",
+    "dequantize",
+    "gate_parameters",
+    "gate_regularizer",
+    "gated_layer_names",
+    "is_quantized",
+    "quantize",
+    "quantized_convs",
+    "quantizers",
+    "recipe_for",
+    "set_gates_applied",
+]
+
+
+def recipe_for(cfg: ExperimentConfig) -> Recipe:
+    """The training recipe for ``cfg.quant`` (its ``method`` key)."""
+    from .recipes import QATRecipe
+
+    return QATRecipe(cfg)

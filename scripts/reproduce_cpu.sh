@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train every shipped model and every row of the RESULTS.md CPU tables, in order, on the bundled
+# photos; then ship the demo weights and print the tables. Re-running skips finished runs and
+# resumes interrupted ones (each run checkpoints every 100-250 iterations).
+#   bash scripts/reproduce_cpu.sh            # all of it (about 2 h on 2 CPU cores)
+#   bash scripts/reproduce_cpu.sh ddtb       # only the runs whose config name contains "ddtb"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+filter="${1:-}"
+
+run() {  # run <train|quantize> <config name>
+  local cmd=$1 name=$2
+  [[ -n "$filter" && "$name" != *"$filter"* ]] && return 0
+  if [[ -f "runs/$name/model.json" ]]; then echo "== $name: done"; return 0; fi
+  echo "== $name"
+  lowbitsr "$cmd" "configs/$name.yaml" --resume --quiet
+}
+
+run train edsr_tiny_x4_fp
+[[ -f src/lowbitsr/pretrained/edsr_tiny_x4_fp.json ]] || python scripts/ship_pretrained.py runs/edsr_tiny_x4_fp
+for bits in 2 3 4; do
+  run quantize "edsr_tiny_x4_pams_w${bits}a${bits}"
+  run quantize "edsr_tiny_x4_ddtb_w${bits}a${bits}"
+done
+run quantize edsr_tiny_x4_ddtb_nogate_w2a2
+run train edsr_tiny_x2_fp
+for name in edsr_tiny_x4_pams_w2a2 edsr_tiny_x4_ddtb_w2a2 edsr_tiny_x4_ddtb_w4a4 edsr_tiny_x2_fp; do
+  [[ -f "runs/$name/model.json" ]] && python scripts/ship_pretrained.py "runs/$name"
+done
+python bench/quality_table.py --runs runs --scale 4 --dataset bundled:test

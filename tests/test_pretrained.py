@@ -1,0 +1,54 @@
+"""Shipped weights: they load, they were made by a repo command, and they beat bicubic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbitsr.data import BundledDataset
+from lowbitsr.demo import run_demo
+from lowbitsr.errors import CheckpointError
+from lowbitsr.evaluate import Bicubic, evaluate
+from lowbitsr.pretrained import list_pretrained, load_pretrained, pretrained_info
+
+SHIPPED = list_pretrained()
+FLOAT = [n for n in SHIPPED if n.endswith("_fp")]
+
+
+def test_float_models_are_shipped():
+    assert "edsr_tiny_x4_fp" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_and_records_its_origin(name):
+    info = pretrained_info(name)
+    assert info["meta"]["made_by"].startswith("lowbitsr ")
+    assert name in info["meta"]["made_by"]
+    model = load_pretrained(name)
+    scale = info["model"]["scale"]
+    out = model(torch.rand(1, 3, 12, 10) * 255)
+    assert out.shape == (1, 3, 12 * scale, 10 * scale)
+    assert not model.training
+
+
+@pytest.mark.parametrize("name", FLOAT)
+def test_float_model_beats_bicubic_on_bundled_test(name):
+    scale = pretrained_info(name)["model"]["scale"]
+    ds = BundledDataset("test", scale, mode="eval")
+    sr = evaluate(load_pretrained(name), ds, scale, progress=False)
+    bic = evaluate(Bicubic(scale), ds, scale, progress=False)
+    assert sr.psnr > bic.psnr + 0.3, (sr.psnr, bic.psnr)
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(CheckpointError, match="edsr_tiny_x4_fp"):
+        load_pretrained("no_such_model")
+
+
+def test_demo_runs_and_writes_table(tmp_path, capsys):
+    rows = run_demo(scales=[4], out_dir=tmp_path, progress=False)
+    names = [r["model"] for r in rows]
+    assert names[0] == "bicubic" and "edsr_tiny_x4_fp" in names
+    assert (tmp_path / "demo_table.md").read_text().count("\n") == len(rows) + 2
+    assert "PSNR" in capsys.readouterr().out
+    assert list(tmp_path.glob("chelsea_*.png"))
