@@ -74,3 +74,30 @@ def test_eval_result_and_table(tmp_path):
     assert (tmp_path / "x" / "r.json").read_text().count('"name"') == 2
     table = format_table([{"model": "m", "PSNR": 31.0, "SSIM": 0.85}])
     assert "31.00" in table and "0.8500" in table and table.count("\n") == 2
+
+
+def test_evaluate_reports_fab_and_bitops_for_every_kind_of_model(image_folder):
+    from lowbitsr.data import build_dataset
+    from lowbitsr.evaluate import evaluate
+    from lowbitsr.models import create_model
+    from lowbitsr.quant import DDTBConfig, GranularDQConfig, calibrate, quantize
+    from lowbitsr.quant.granular_dq import calibrate_granular_dq
+
+    torch.manual_seed(0)
+    ds = build_dataset({"type": "folder", "root": str(image_folder)}, 2, "eval")
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=16)
+    lr = torch.stack([ds[i]["lr"] for i in range(len(ds))])
+    ddtb = quantize(fp, DDTBConfig(bits=2))
+    calibrate(ddtb, [lr])
+    gdq = quantize(fp, GranularDQConfig(entropy_thresholds=(2.0, 3.0), tile=16, tile_step=14))
+    calibrate_granular_dq(gdq, lr)
+    res = {
+        name: evaluate(m, ds, 2, progress=False)
+        for name, m in (("fp", fp), ("ddtb", ddtb), ("gdq", gdq))
+    }
+    assert res["fp"].fab == 32 and res["ddtb"].fab == 2
+    assert 4 <= res["gdq"].fab <= 8
+    g = {k: r.info["gbitops"] for k, r in res.items()}
+    assert g["ddtb"] < g["gdq"] < g["fp"]
+    assert "MACs" in res["fp"].info["formula"]
+    assert all(np.isfinite(r.psnr) for r in res.values())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbitsr.config import load_config
+from lowbitsr.data import ImageFolderDataset
 from lowbitsr.errors import ConfigError
 from lowbitsr.models import create_model, load_weights, save_weights
 from lowbitsr.quant.bitops import count_bitops, fab
@@ -350,6 +351,13 @@ def test_entropy_table_matches_quantiles_and_round_trips(tmp_path: Path) -> None
     (tmp_path / "E2B.json").write_text(json.dumps(official))
     t2 = load_entropy_table(tmp_path / "E2B.json")
     assert t2.thresholds == pytest.approx((2.8, 3.2))
+
+
+def test_entropy_table_from_a_dataset_uses_whole_lr_images(image_folder: Path) -> None:
+    ds = ImageFolderDataset(image_folder, 2, mode="train", lr_patch=8, repeat=5)
+    table = compute_entropy_table(ds, patch=8)  # 4 images, LR 24x24 -> 9 patches each
+    assert table.n_patches == 36 and table.patch == 8
+    assert compute_entropy_table(ds, patch=8, max_patches=10).n_patches == 10
 
 
 def test_set_entropy_table_keeps_user_thresholds() -> None:

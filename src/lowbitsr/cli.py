@@ -127,12 +127,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     "images": len(res.images),
                     "PSNR": res.psnr,
                     "SSIM": res.ssim,
+                    "FAB": "-" if name == "bicubic" else res.fab,
+                    "GBitOPs/64x64": res.info.get("gbitops", "-"),
                 }
             )
             if args.json_dir:
                 safe = spec_text.replace("/", "_").replace(":", "_")
                 res.save_json(Path(args.json_dir) / f"{name}__{safe}.json")
     print(format_table(rows))
+    print(
+        "FAB: feature average bit-width (32 = float). BitOPs per 64x64 LR input: "
+        "sum over convs of MACs * w_bits * a_bits / 64 (float layers 32x32)."
+    )
     return 0
 
 

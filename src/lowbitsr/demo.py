@@ -32,8 +32,10 @@ def _shipped_by_scale() -> dict[int, list[str]]:
 def _bits_label(name: str) -> str:
     q = pretrained_info(name).get("quant")
     if not q:
-        return "32"
-    return str(q.get("bits", "dyn"))
+        return "32/32"
+    if "bits" in q:
+        return f"{q['bits']}/{q['bits']}"
+    return f"{q.get('weight_bits', '?')}/patch-wise"
 
 
 def demo_rows(
@@ -73,6 +75,8 @@ def demo_rows(
                     "bits (W/A)": bits,
                     "PSNR": res.psnr,
                     "SSIM": res.ssim,
+                    "FAB": "-" if name == "bicubic" else res.fab,
+                    "GBitOPs/64x64": res.info.get("gbitops", "-"),
                 }
             )
             if out_dir is not None:
@@ -93,8 +97,12 @@ def run_demo(
     """Run the demo, print the table and save results/images under ``out_dir``."""
     rows = demo_rows(scales, device=device, progress=progress, out_dir=out_dir)
     table = format_table(rows)
-    print("Bundled test split (scikit-image photos: chelsea, rocket); PSNR/SSIM on Y, border=scale")
+    print(
+        "Bundled test split (scikit-image photos: astronaut, chelsea); PSNR/SSIM on Y, border=scale"
+    )
     print(table)
+    print("FAB = feature average bit-width (32 = float); BitOPs = sum over convs of")
+    print("MACs x w_bits x a_bits / 64 for one 64x64 LR input (float layers count 32 x 32).")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_table.md").write_text(table + "\n")

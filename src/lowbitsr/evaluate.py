@@ -175,6 +175,13 @@ class EvalResult:
         return float(np.mean(vals)) if vals else float("inf")
 
     @property
+    def fab(self) -> float:
+        """Mean feature average bit-width over images (32 for float models)."""
+        if not self.images or any("fab" not in r.extra for r in self.images):
+            return float("nan")
+        return self.extra_mean("fab")
+
+    @property
     def ssim(self) -> float:
         """Mean SSIM over images."""
         return float(np.mean([r.ssim for r in self.images]))
@@ -191,6 +198,7 @@ class EvalResult:
             "scale": self.scale,
             "psnr": self.psnr,
             "ssim": self.ssim,
+            "fab": self.fab,
             "info": self.info,
             "images": [asdict(r) for r in self.images],
         }
@@ -200,6 +208,42 @@ class EvalResult:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def static_bits(model: nn.Module) -> float:
+    """Activation bit-width of a static model: 32 for float models, ``bits`` for DDTB/PAMS."""
+    q = getattr(model, "quant_config_dict", None) or {}
+    return float(q.get("bits", 32))
+
+
+def is_dynamic_bits(model: nn.Module) -> bool:
+    """Whether ``model`` picks bits per patch (Granular-DQ): it then runs tile by tile."""
+    return hasattr(model, "decide_bits")
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, fab: float, patch: int = 64) -> dict[str, Any]:
+    """BitOPs of one ``patch``×``patch`` LR input at feature average bit-width ``fab``.
+
+    Static models are counted as they are. For Granular-DQ every quantized layer of a patch uses
+    the same bits and BitOPs are linear in the activation bits, so the mean BitOPs over patches
+    equals the BitOPs at the mean bit-width: interpolated between two forced bit-widths.
+    """
+    from .quant.bitops import BITOPS_FORMULA, count_bitops
+
+    if isinstance(model, Bicubic):
+        return {"gbitops": float("nan"), "formula": BITOPS_FORMULA}
+    shape = (1, 3, patch, patch)
+    if not is_dynamic_bits(model):
+        c = count_bitops(model, shape)
+        return {"gbitops": c["gbitops"], "gmacs": c["macs"] / 1e9, "formula": c["formula"]}
+    lo, hi = min(model.ctx.candidates), max(model.ctx.candidates)
+    with model.force_bits(lo):
+        c_lo = count_bitops(model, shape)
+    with model.force_bits(hi):
+        c_hi = count_bitops(model, shape)
+    g = c_lo["gbitops"] + (fab - lo) * (c_hi["gbitops"] - c_lo["gbitops"]) / (hi - lo)
+    return {"gbitops": g, "gmacs": c_lo["macs"] / 1e9, "formula": c_lo["formula"]}
 
 
 @torch.no_grad()
@@ -227,9 +271,12 @@ def evaluate(
         tile, overlap: see :func:`super_resolve`.
         save_dir: if given, each SR output is written there as ``<name>.png``.
     Returns:
-        :class:`EvalResult` with PSNR/SSIM (Y channel, border cropped) per image.
+        :class:`EvalResult` with PSNR/SSIM (Y channel, border cropped) and FAB (feature average
+        bit-width; 32 for float models) per image, and ``info`` with BitOPs per 64×64 LR patch.
+        Granular-DQ models run tile by tile at their own tile size and step (METHODS §2.4).
     """
     from .data import write_image
+    from .quant.bitops import fab
 
     crop = scale if crop_border is None else crop_border
     was_training = model.training
@@ -239,18 +286,32 @@ def evaluate(
     for i in it:
         item = dataset[i]
         lr = item["lr"][None].to(device) * (rgb_range / 255.0)
-        sr = super_resolve(model, lr, scale, tile=tile, overlap=overlap)[0]
+        if is_dynamic_bits(model):
+            from .quant.granular_dq import gdq_super_resolve
+
+            gcfg = model.config
+            sr, bit_map = gdq_super_resolve(model, lr, scale, gcfg.tile, gcfg.tile_step)
+            sr, image_fab = sr[0], fab(bit_map)
+        else:
+            sr = super_resolve(model, lr, scale, tile=tile, overlap=overlap)[0]
+            image_fab = static_bits(model)
         sr8 = _to_uint8(sr, rgb_range)
         hr8 = item["hr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         rows.append(
             ImageResult(
-                item["name"], psnr(sr8, hr8, crop_border=crop), ssim(sr8, hr8, crop_border=crop)
+                item["name"],
+                psnr(sr8, hr8, crop_border=crop),
+                ssim(sr8, hr8, crop_border=crop),
+                {"fab": float(image_fab)},
             )
         )
         if save_dir is not None:
             write_image(Path(save_dir) / f"{item['name']}.png", sr8)
     model.train(was_training)
-    return EvalResult(model_name, dataset_name, scale, rows)
+    result = EvalResult(model_name, dataset_name, scale, rows)
+    if rows and not isinstance(model, Bicubic):
+        result.info.update(model_cost(model, result.extra_mean("fab")))
+    return result
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

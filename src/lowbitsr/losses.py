@@ -39,5 +39,3 @@ def attention_transfer(student: Tensor, teacher: Tensor) -> Tensor:
         0-dim tensor.
     """
     return (attention_map(student) - attention_map(teacher.detach())).pow(2).mean()
-
-

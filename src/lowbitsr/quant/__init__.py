@@ -25,6 +25,7 @@ from .apply import (
 )
 from .calibrate import attach_gates, calibrate, gated_layer_names
 from .ddtb import DDTBConfig
+from .granular_dq import GranularDQConfig, gdq_super_resolve, quantize_granular_dq
 from .pams import PAMSConfig
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DDTBConfig",
+    "GranularDQConfig",
     "PAMSConfig",
     "attach_gates",
     "bound_parameters",
@@ -43,8 +45,10 @@ __all__ = [
     "gate_parameters",
     "gate_regularizer",
     "gated_layer_names",
+    "gdq_super_resolve",
     "is_quantized",
     "quantize",
+    "quantize_granular_dq",
     "quantized_convs",
     "quantizers",
     "recipe_for",
@@ -54,6 +58,10 @@ __all__ = [
 
 def recipe_for(cfg: ExperimentConfig) -> Recipe:
     """The training recipe for ``cfg.quant`` (its ``method`` key)."""
+    if (cfg.quant or {}).get("method") == GranularDQConfig.method:
+        from .granular_dq import GranularDQRecipe
+
+        return GranularDQRecipe(cfg)
     from .recipes import QATRecipe
 
     return QATRecipe(cfg)

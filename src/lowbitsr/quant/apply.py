@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .compat import adapt_state_dict
 from .ddtb import DDTBConfig, ddtb_transform
+from .granular_dq import GranularDQConfig, GranularDQModel, quantize_granular_dq
 from .layers import (
     DDTBActQuant,
     DynamicGate,
@@ -57,12 +58,20 @@ __all__ = [
     "set_gates_applied",
 ]
 
-QuantConfig = DDTBConfig | PAMSConfig
+QuantConfig = DDTBConfig | PAMSConfig | GranularDQConfig
 
-#: The transform of each config type. Adding a method = one entry here.
-_TRANSFORMS: dict[type, Callable[[nn.Module, Any], None]] = {
+
+def _granular_dq_transform(model: nn.Module, config: GranularDQConfig) -> nn.Module:
+    # Granular-DQ wraps the float model (its bit controller reads the head features)
+    return quantize_granular_dq(model, config, inplace=True)
+
+
+#: The transform of each config type. Adding a method = one entry here. A transform modifies
+#: the model in place and returns None, or returns the (wrapping) model to use instead.
+_TRANSFORMS: dict[type, Callable[[nn.Module, Any], nn.Module | None]] = {
     DDTBConfig: ddtb_transform,
     PAMSConfig: pams_transform,
+    GranularDQConfig: _granular_dq_transform,
 }
 _CONFIG_BY_METHOD: dict[str, type] = {cls.method: cls for cls in _TRANSFORMS}  # type: ignore[attr-defined]
 # Keys a trainer may store beside the config that are not settings: the gated layers are a
@@ -78,6 +87,8 @@ def config_to_dict(config: QuantConfig) -> dict[str, Any]:
     :func:`config_from_dict`)."""
     if type(config) not in _TRANSFORMS:
         raise TypeError(f"not a quantization config: {type(config).__name__}")
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
     return {"method": config.method, **dataclasses.asdict(config)}
 
 
@@ -104,6 +115,8 @@ def config_from_dict(d: Mapping[str, Any]) -> QuantConfig:
     cls = _CONFIG_BY_METHOD.get(method) if isinstance(method, str) else None
     if cls is None:
         raise ConfigError(f"quant.method: unknown method {method!r}; use one of {methods}")
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(d)
     allowed = [f.name for f in dataclasses.fields(cls)]
     for key in d:
         if key != "method" and key not in allowed and key not in _METADATA_KEYS:
@@ -117,7 +130,8 @@ def config_from_dict(d: Mapping[str, Any]) -> QuantConfig:
 # ------------------------------------------------------------------------------------ transforms
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` already holds quantized layers of this package."""
-    return any(isinstance(m, (*_ACT_QUANTIZERS, QuantConv2d)) for m in model.modules())
+    quantized = (*_ACT_QUANTIZERS, QuantConv2d, GranularDQModel)
+    return any(isinstance(m, quantized) for m in model.modules())
 
 
 def quantize(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:
@@ -158,13 +172,36 @@ def quantize(model: nn.Module, config: QuantConfig, *, inplace: bool = False) ->
             "model, or call dequantize() first"
         )
     out = model if inplace else copy.deepcopy(model)
-    transform(out, config)
+    out = transform(out, config) or out
+    _annotate_activation_bits(out, config)
     out.quant_config_dict = config_to_dict(config)
     cfg = getattr(model, "model_config", None)
     if isinstance(cfg, Mapping):
         out.model_config = dict(cfg)
     out.adapt_state_dict = types.MethodType(adapt_state_dict, out)
     return out
+
+
+def _annotate_activation_bits(model: nn.Module, config: QuantConfig) -> None:
+    """Give every static quantized conv the ``a_bits`` of its input, for BitOPs accounting.
+
+    The input of a body conv is quantized to ``config.bits``, except EDSR's conv1, which sees the
+    unquantized block input in the PAMS/DDTB layout (§1.5) and so multiplies k-bit weights by
+    float activations (counted as 32 bits). Gate convs use 2-bit activations and weights.
+    Granular-DQ layers report their per-sample bits themselves.
+    """
+    bits = getattr(config, "bits", None)
+    if bits is None:
+        return
+    for module in model.modules():
+        if isinstance(module, DynamicGate):
+            for conv in (module.conv1, module.conv2):
+                conv.a_bits = module.bits
+        elif isinstance(module, QuantConv2d) and not hasattr(module, "a_bits"):
+            module.a_bits = bits
+    for module in model.modules():
+        if isinstance(module, QuantResBlock):
+            module.body[0].a_bits = 32
 
 
 def _to_float_children(module: nn.Module) -> None:

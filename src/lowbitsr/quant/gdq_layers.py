@@ -74,8 +74,8 @@ class BitContext:
         y: ``[N, B]`` one-hot selection (exactly 0/1 forward; in training with a learned gate its
             backward is the Gumbel-softmax gradient, METHODS §2.1). None outside a forward.
         sel: ``[N]`` int64, column index of each sample's selected bit-width.
-        counts: ``[N]``-independent ``[B]`` float, how many samples selected each bit-width (the
-            LSQ gradient scale of a bit's α uses the number of elements that bit quantized).
+        counts: ``[B]`` float, how many samples selected each bit-width (the LSQ gradient scale
+            of a bit's α uses the number of elements that bit quantized).
         bits: ``[N]`` int64, the selected bit-width of each sample.
         lr: the network input of the current forward, ``[N, 3, H, W]`` in ``[0, rgb_range]``
             (E2B measures its entropy).

@@ -4,7 +4,8 @@ Wang et al., "Thinking in Granularity: Dynamic Quantization for Image Super-Reso
 Intriguing Multi-Granularity Clues", AAAI 2025 (arXiv 2409.14330).
 
 >>> from lowbitsr.models import create_model
->>> from lowbitsr.quant.granular_dq import GranularDQConfig, quantize_granular_dq
+>>> from lowbitsr.quant.granular_dq import (
+...     GranularDQConfig, calibrate_granular_dq, gdq_super_resolve, quantize_granular_dq)
 >>> float_model = create_model("edsr_tiny", scale=2, n_resblocks=2, n_feats=16)
 >>> qmodel = quantize_granular_dq(float_model, GranularDQConfig(entropy_thresholds=(2.8, 3.18)))
 >>> calibrate_granular_dq(qmodel, lr_batch)              # doctest: +SKIP  (LSQ lazy init)
@@ -514,7 +515,8 @@ def quantize_granular_dq(
     Args:
         model: a float model from :func:`lowbitsr.create_model` (weights loaded).
         config: a :class:`GranularDQConfig` or its dict form.
-        inplace: modify ``model``'s modules instead of a deep copy.
+        inplace: swap inside ``model``'s own modules instead of a deep copy. Either way the
+            result is a new :class:`GranularDQModel` object wrapping them: use the return value.
 
     Returns:
         The :class:`GranularDQModel` (same device, dtype and train/eval mode as ``model``).
@@ -870,7 +872,9 @@ def gdq_super_resolve(
     tiles of each bit-width run together (batches of at most ``max_batch``, bits forced to the
     decision). ``batched=False``: one tile per forward, the model deciding itself (the released
     code's loop; the benchmark's baseline). A model without ``decide_bits`` (a float model)
-    runs at 32 bits.
+    runs at 32 bits. Both ways give the same bit map and the same image, bit for bit in float64;
+    in float32 a conv rounds differently for batch 1 and batch N (about 1e-7 relative), which
+    a quantizer can turn into a one-level step at a few pixels.
 
     Call ``model.eval()`` first.
 
