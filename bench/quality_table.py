@@ -25,11 +25,16 @@ from lowbitsr.evaluate import Bicubic, evaluate, format_table
 def _label(header: dict) -> tuple[str, str]:
     q = header.get("quant")
     if not q:
-        return "fp", "32"
+        return "fp", "32/32"
     method = q["method"]
     if method == "ddtb" and q.get("dynamic_ratio") == 0.0:
         method = "ddtb (no gates)"
-    return method, str(q.get("bits", "dyn"))
+    if method == "granular_dq":
+        gate = q.get("gate", "learned")
+        if gate == "fixed":
+            return "fixed-bit (gdq quantizers)", f"{q['weight_bits']}/{q['fixed_bits']}"
+        return ("granular-dq" if gate == "learned" else "random gate + E2B"), "8/patch"
+    return method, f"{q['bits']}/{q['bits']}"
 
 
 def main() -> None:
@@ -50,7 +55,15 @@ def main() -> None:
     rows = []
     res = evaluate(Bicubic(args.scale), ds, args.scale, progress=False)
     rows.append(
-        {"model": "bicubic", "method": "-", "bits": "-", "PSNR": res.psnr, "SSIM": res.ssim}
+        {
+            "model": "bicubic",
+            "method": "-",
+            "bits": "-",
+            "PSNR": res.psnr,
+            "SSIM": res.ssim,
+            "FAB": "-",
+            "GBitOPs": "-",
+        }
     )
     for d in runs:
         header = json.loads((d / "model.json").read_text())
@@ -63,19 +76,23 @@ def main() -> None:
                 "bits": bits,
                 "PSNR": res.psnr,
                 "SSIM": res.ssim,
+                "FAB": res.fab,
+                "GBitOPs": res.info["gbitops"],
                 "iters": header["meta"].get("step"),
-                "train_s": header["meta"].get("seconds"),
             }
         )
     fp = next((r["PSNR"] for r in rows if r["method"] == "fp"), None)
     for r in rows:
         r["dPSNR_vs_fp"] = (r["PSNR"] - fp) if fp is not None else float("nan")
     order = {"-": 0, "fp": 1}
-    rows.sort(key=lambda r: (order.get(r["method"], 2), r["bits"], r["method"]))
+    rows.sort(key=lambda r: (order.get(r["method"], 2), r["method"], r["bits"]))
     out = {"dataset": args.dataset, "scale": args.scale, "rows": rows}
     print(json.dumps(out, indent=2))
     print()
-    print(format_table(rows, ["model", "method", "bits", "PSNR", "SSIM", "dPSNR_vs_fp", "iters"]))
+    cols = ["model", "method", "bits", "PSNR", "SSIM", "dPSNR_vs_fp", "FAB", "GBitOPs", "iters"]
+    print(format_table(rows, cols))
+    print("bits = W/A; FAB = feature average bit-width; GBitOPs per 64x64 LR input")
+    print("(sum over convs of MACs x w_bits x a_bits / 64, float layers 32 x 32).")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -39,26 +39,43 @@ def paper_config(arch: str, scale: int, method: str, bits: int) -> dict:
         "model": {
             "name": arch,
             "scale": scale,
-            "init": f"/path/to/{arch}_x{scale}_fp.pt  # float checkpoint (EDSR-PyTorch zoo or ours)",
+            "init": None,  # a float checkpoint: --set model.init=PATH
         },
         "data": {
             "train": {
-                "type": "div2k", "root": "/path/to/DIV2K", "split": "train",
-                "index_range": [1, 790], "lr_patch": PAPER_ARCHS[arch][scale], "repeat": 20,
+                "type": "div2k",
+                "root": "/path/to/DIV2K",
+                "split": "train",
+                "index_range": [1, 790],
+                "lr_patch": PAPER_ARCHS[arch][scale],
+                "repeat": 20,
             },
-            "val": {"type": "div2k", "root": "/path/to/DIV2K", "split": "train",
-                    "index_range": [791, 800]},
+            "val": {
+                "type": "div2k",
+                "root": "/path/to/DIV2K",
+                "split": "train",
+                "index_range": [791, 800],
+            },
         },
         "train": {
-            "iterations": epochs * 1000, "batch_size": 16, "lr": 1.0e-4, "lr_step": 10000,
-            "lr_gamma": 0.5, "val_every": 1000, "checkpoint_every": 1000, "num_workers": 4,
+            "iterations": epochs * 1000,
+            "batch_size": 16,
+            "lr": 1.0e-4,
+            "lr_step": 10000,
+            "lr_gamma": 0.5,
+            "val_every": 1000,
+            "checkpoint_every": 1000,
+            "num_workers": 4,
         },
         "quant": quant,
     }
 
 
+ITERS = 300  # reduced budget: every CPU-table row trains this many iterations
+
+
 def cpu_config(method: str, bits: int, gates: bool = True) -> dict:
-    iters = 800
+    iters = ITERS
     quant: dict = {"method": method, "bits": bits}
     recipe = {"bound_lr": 1.0e-2, "kd_weight": 1000.0, "calib_batches": 1}
     suffix = ""
@@ -78,11 +95,52 @@ def cpu_config(method: str, bits: int, gates: bool = True) -> dict:
             "val": {"type": "bundled", "split": "valid"},
         },
         "train": {
-            "iterations": iters, "batch_size": 16, "lr": 1.0e-4, "lr_step": iters // 2,
-            "lr_gamma": 0.5, "val_every": 100, "checkpoint_every": 100,
+            "iterations": iters,
+            "batch_size": 16,
+            "lr": 1.0e-4,
+            "lr_step": iters // 2,
+            "lr_gamma": 0.5,
+            "val_every": 50,
+            "checkpoint_every": 50,
         },
         "quant": quant,
     }
+
+
+def gdq_paper_config(arch: str, scale: int) -> dict:
+    """Granular-DQ paper recipe (METHODS §2.4): L1 only, LR crop 48, batch 16, 300K iterations,
+    lr 2e-4 halved at 250K; entropy thresholds built from the training set at start-up."""
+    cfg = paper_config(arch, scale, "ddtb", 2)
+    cfg["name"] = f"{arch}_x{scale}_gdq"
+    cfg["data"]["train"]["lr_patch"] = 48
+    cfg["train"].update(
+        {
+            "iterations": 300_000,
+            "lr": 2.0e-4,
+            "lr_step": 250_000,
+            "val_every": 5000,
+            "checkpoint_every": 5000,
+        }
+    )
+    cfg["quant"] = {"method": "granular_dq"}
+    return cfg
+
+
+def gdq_cpu_config(variant: str) -> dict:
+    """Reduced Granular-DQ recipe: same budget as the DDTB CPU table, plus the baselines."""
+    cfg = cpu_config("ddtb", 2)
+    quant: dict = {"method": "granular_dq", "atc_iterations": ITERS // 10}
+    if variant.startswith("w8a"):  # fixed-bit baseline with the same quantizers, no gate
+        quant.update({"gate": "fixed", "fixed_bits": int(variant[3:]), "use_e2b": False})
+    elif variant == "random":
+        # the control the paper did not run: a random gate whose bit frequencies are those the
+        # learned gate picked (bench/gdq_table.py measures them), then the same E2B
+        quant.update({"gate": "random", "random_probs": [0.34, 0.33, 0.33]})
+    name = "gdq" if variant == "learned" else f"gdq_{variant}"
+    cfg["name"] = f"edsr_tiny_x4_{name}"
+    cfg["train"]["lr"] = 2.0e-4
+    cfg["quant"] = quant
+    return cfg
 
 
 def write(cfg: dict, header: str) -> None:
@@ -99,15 +157,22 @@ def main() -> None:
             for method in ("ddtb", "pams"):
                 for bits in (2, 3, 4):
                     cfg = paper_config(arch, scale, method, bits)
-                    cfg["model"]["init"] = None
                     write(cfg, paper.replace("{name}", cfg["name"]))
-    cpu = "# Reduced CPU recipe (bundled photos, edsr_tiny x4):  lowbitsr quantize configs/{name}.yaml\n"
+    cpu = "# Reduced CPU recipe (bundled photos, edsr_tiny x4):\n"
+    cpu += "#   lowbitsr quantize configs/{name}.yaml\n"
     for method in ("ddtb", "pams"):
         for bits in (2, 3, 4):
             cfg = cpu_config(method, bits)
             write(cfg, cpu.replace("{name}", cfg["name"]))
     cfg = cpu_config("ddtb", 2, gates=False)
     write(cfg, cpu.replace("{name}", cfg["name"]) + "# Ablation: DDTB without dynamic gates.\n")
+    for arch, scales in PAPER_ARCHS.items():
+        for scale in scales:
+            cfg = gdq_paper_config(arch, scale)
+            write(cfg, paper.replace("{name}", cfg["name"]).replace("§1.6", "§2.4"))
+    for variant in ("learned", "random", "w8a4", "w8a6", "w8a8"):
+        cfg = gdq_cpu_config(variant)
+        write(cfg, cpu.replace("{name}", cfg["name"]))
 
 
 if __name__ == "__main__":

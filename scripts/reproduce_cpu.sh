@@ -23,8 +23,15 @@ for bits in 2 3 4; do
   run quantize "edsr_tiny_x4_ddtb_w${bits}a${bits}"
 done
 run quantize edsr_tiny_x4_ddtb_nogate_w2a2
+for bits in 4 6 8; do run quantize "edsr_tiny_x4_gdq_w8a${bits}"; done
+run quantize edsr_tiny_x4_gdq
+if [[ -z "$filter" || "edsr_tiny_x4_gdq_random" == *"$filter"* ]] && [[ ! -f runs/edsr_tiny_x4_gdq_random/model.json ]]; then
+  probs=$(python scripts/match_random_gate.py runs/edsr_tiny_x4_gdq | python -c "import json,sys; print(json.load(sys.stdin)['random_probs'])")
+  echo "== edsr_tiny_x4_gdq_random (random_probs=$probs)"
+  lowbitsr quantize configs/edsr_tiny_x4_gdq_random.yaml --resume --quiet --set "quant.random_probs=$probs"
+fi
 run train edsr_tiny_x2_fp
-for name in edsr_tiny_x4_pams_w2a2 edsr_tiny_x4_ddtb_w2a2 edsr_tiny_x4_ddtb_w4a4 edsr_tiny_x2_fp; do
-  [[ -f "runs/$name/model.json" ]] && python scripts/ship_pretrained.py "runs/$name"
+for name in edsr_tiny_x4_pams_w2a2 edsr_tiny_x4_ddtb_w2a2 edsr_tiny_x4_ddtb_w4a4 edsr_tiny_x4_gdq edsr_tiny_x2_fp; do
+  if [[ -f "runs/$name/model.json" ]]; then python scripts/ship_pretrained.py "runs/$name"; fi
 done
 python bench/quality_table.py --runs runs --scale 4 --dataset bundled:test

@@ -30,7 +30,10 @@ def main() -> None:
     shutil.copyfile(args.run_dir / "model.safetensors", DEST / f"{name}.safetensors")
     (DEST / f"{name}.json").write_text(json.dumps(header, indent=2) + "\n")
     size = (DEST / f"{name}.safetensors").stat().st_size
-    print(f"shipped {name}: {size / 1024:.0f} KiB, best val PSNR {header['meta'].get('best_val_psnr')}")
+    print(
+        f"shipped {name}: {size / 1024:.0f} KiB, "
+        f"best val PSNR {header['meta'].get('best_val_psnr')}"
+    )
 
 
 if __name__ == "__main__":
