@@ -153,3 +153,24 @@ def test_eval_folder_json(tiny_saved, image_folder, tmp_path, capsys):
 def test_eval_missing_dataset(tiny_saved, tmp_path, capsys):
     assert main(["eval", str(tiny_saved), "--dataset", f"folder:{tmp_path / 'empty'}"]) == 2
     one_line_error(capsys, "empty")
+
+
+def test_upscale_granular_dq_saves_bitmap(image_folder, tmp_path):
+    import torch
+
+    from lowbitsr.quant import GranularDQConfig, quantize
+    from lowbitsr.quant.granular_dq import calibrate_granular_dq
+
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=16)
+    cfg = GranularDQConfig(entropy_thresholds=(2.0, 3.0), tile=16, tile_step=14)
+    q = quantize(fp, cfg)
+    calibrate_granular_dq(q, torch.rand(2, 3, 16, 16) * 255)
+    save_model(q, tmp_path / "gdq")
+    out, bm = tmp_path / "sr.png", tmp_path / "bits.png"
+    args = ["upscale", str(tmp_path / "gdq"), str(image_folder / "img1.png"), str(out)]
+    assert main([*args, "--bitmap", str(bm), "--quiet"]) == 0
+    sr, pic = np.asarray(Image.open(out)), np.asarray(Image.open(bm))
+    assert sr.shape == pic.shape == (96, 96, 3)
+    assert (sr != pic).any()  # tinted
+    assert main(["upscale", str(tmp_path / "gdq").replace("gdq", "nope"), "x", "y"]) == 2

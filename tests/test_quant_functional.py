@@ -385,19 +385,19 @@ def test_percentile_bounds_validate_arguments() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 1001, 4096])
-def test_kthvalue_quantile_is_bit_identical_to_torch_quantile(n: int) -> None:
+def test_selected_quantile_is_bit_identical_to_torch_quantile(n: int) -> None:
     gen = _gen(n)
     flat = torch.randn(n, generator=gen, dtype=torch.float64) * 10
     flat[: n // 3] = flat[0]  # duplicates
     qs = [0.0, 0.01, 0.05, 0.5, 0.95, 0.99, 1.0, *torch.rand(20, generator=gen).tolist()]
     for q in qs:
-        assert torch.equal(F._quantile_kthvalue(flat, q), torch.quantile(flat, q)), q
+        assert torch.equal(F._quantile_select(flat, q), torch.quantile(flat, q)), q
 
 
-def test_kthvalue_quantile_propagates_nan_like_torch_quantile() -> None:
+def test_selected_quantile_propagates_nan_like_torch_quantile() -> None:
     flat = torch.tensor([1.0, float("nan"), 3.0, 2.0], dtype=torch.float64)
     assert torch.isnan(torch.quantile(flat, 0.1))
-    assert torch.isnan(F._quantile_kthvalue(flat, 0.1))
+    assert torch.isnan(F._quantile_select(flat, 0.1))
 
 
 def test_percentile_bounds_beyond_torch_quantile_size_limit() -> None:

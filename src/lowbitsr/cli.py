@@ -142,11 +142,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gdq_upscale(model: Any, img: Any, scale: int, device: str) -> tuple[Any, Any]:
+    """Granular-DQ tiled inference of one uint8 image → (uint8 SR image, bit map)."""
+    import torch
+
+    from .evaluate import _to_uint8
+    from .quant.granular_dq import gdq_super_resolve
+
+    lr = torch.from_numpy(img).permute(2, 0, 1)[None].float().to(device)
+    model = model.to(device).eval()
+    sr, bit_map = gdq_super_resolve(model, lr, scale, model.config.tile, model.config.tile_step)
+    return _to_uint8(sr[0]), bit_map
+
+
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .data import IMAGE_EXTENSIONS, read_image, write_image
-    from .evaluate import upscale_image
+    from .evaluate import is_dynamic_bits, upscale_image
+    from .quant.bitops import fab
+    from .viz import bitmap_overlay
 
     model, _ = _load_any_model(args.model, args.scale)
     scale = model.model_config["scale"]
@@ -167,14 +182,25 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                 raise
             failed.append(str(exc))  # keep going: one bad file must not lose the others' work
             continue
-        sr = upscale_image(
-            model.to(args.device),
-            img,
-            scale,
-            tile=args.tile,
-            overlap=args.overlap,
-            device=args.device,
-        )
+        if is_dynamic_bits(model):  # Granular-DQ: its own tiling, one bit-width per tile
+            sr, bit_map = _gdq_upscale(model, img, scale, args.device)
+            if args.bitmap:
+                bm_path = Path(args.bitmap) if len(pairs) == 1 else out.with_suffix(".bits.png")
+                tcfg = model.config
+                pic = bitmap_overlay(sr, bit_map, img.shape[:2], tcfg.tile, tcfg.tile_step)
+                write_image(bm_path, pic)
+                print(f"bit map -> {bm_path} (FAB {fab(bit_map):.2f})")
+        else:
+            if args.bitmap:
+                raise LowbitsrError(f"--bitmap needs a Granular-DQ model; {args.model} is not one")
+            sr = upscale_image(
+                model.to(args.device),
+                img,
+                scale,
+                tile=args.tile,
+                overlap=args.overlap,
+                device=args.device,
+            )
         write_image(out, sr)
         print(f"{f} -> {out} ({sr.shape[1]}x{sr.shape[0]})")
     for msg in failed:
@@ -245,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tile", type=int, default=256, help="LR tile size (0 = whole image)")
     u.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
     u.add_argument("--convert", action="store_true", help="accept greyscale/RGBA (made RGB)")
+    u.add_argument(
+        "--bitmap",
+        default=None,
+        help="Granular-DQ models: save the per-tile bit map drawn over the SR image here "
+        "(for a folder: <name>.bits.png beside each output)",
+    )
     u.add_argument("--scale", type=int, default=None)
     u.add_argument("--device", default="cpu")
     u.add_argument("--quiet", action="store_true")

