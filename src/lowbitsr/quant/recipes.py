@@ -136,7 +136,7 @@ class QATRecipe(Recipe):
             kd = attention_transfer(feat, feat_t)
             loss = loss + self.rc.kd_weight * kd
             logs["kd"] = float(kd.detach())
-        if not gates_on:
+        if not gates_on and self.calibration.get("gated"):
             reg = gate_regularizer(model)
             loss = loss + self.rc.gate_reg_weight * reg
             logs["gate_reg"] = float(reg.detach())
