@@ -10,12 +10,21 @@ warm-up:
 - ``ddtb_recipe_step``: the full DDTB QAT step as :class:`lowbitsr.quant.recipes.QATRecipe` runs it:
   student ``forward_features`` + float teacher ``forward_features`` under ``no_grad`` + L1 +
   ``1000 * attention_transfer`` + backward + Adam step;
+- ``ddtb_recipe_feat_step``: the same, but the teacher computes only the feature the loss uses
+  (``head`` + ``body`` + skip, not the upsampling tail, whose output the recipe discards): how
+  much the recipe would save by not running the teacher's tail;
 - ``pams_step``: PAMS student alone, forward + L1 + backward + Adam step;
 - ``*_infer``: eval-mode, ``no_grad`` inference of one ``1×3×--infer-size²`` LR image.
 
 The cases are timed round-robin (one run of each per round), so that load from other processes
-on a shared machine spreads over all of them alike. Prints one JSON record, then a Markdown table
-with the ratios to the float counterpart.
+on a shared machine spreads over all of them alike; each ratio to the float counterpart is the
+median over rounds of the ratio within a round. Wall-clock and process CPU time (all threads) are
+both reported. Prints one JSON record, then a Markdown table.
+
+On a machine whose cores are busy with other jobs, also run ``--threads 1``: with more threads
+than free cores, every parallel op waits for a descheduled thread, which charges each op a
+scheduling delay and inflates the ratios by op count rather than work; with one thread, the CPU
+time is close to the work itself.
 
     python bench/bench_ddtb_speed.py --arch edsr_tiny
     python bench/bench_ddtb_speed.py --arch edsr_baseline --repeats 3
@@ -79,8 +88,18 @@ def _adam(model: nn.Module) -> torch.optim.Adam:
     return torch.optim.Adam(groups, lr=1e-4, betas=(0.9, 0.999))
 
 
+def _teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
+    """The EDSR pre-tail feature (body output + head output) without running the tail."""
+    x = teacher.head(teacher.sub_mean(lr))
+    return teacher.body(x) + x
+
+
 def _train_step(
-    model: nn.Module, lr: Tensor, hr: Tensor, teacher: nn.Module | None = None
+    model: nn.Module,
+    lr: Tensor,
+    hr: Tensor,
+    teacher: nn.Module | None = None,
+    teacher_tail: bool = True,
 ) -> Callable[[], None]:
     """One optimisation step; with a teacher, the recipe's L1 + 1000·AT distillation loss."""
     opt = _adam(model)
@@ -91,7 +110,10 @@ def _train_step(
         loss = F.l1_loss(sr, hr)
         if teacher is not None:
             with torch.no_grad():
-                _, feat_t = teacher.forward_features(lr)
+                if teacher_tail:
+                    _, feat_t = teacher.forward_features(lr)
+                else:
+                    feat_t = _teacher_feature(teacher, lr)
             loss = loss + 1000.0 * attention_transfer(feat, feat_t)
         loss.backward()
         opt.step()
@@ -109,18 +131,38 @@ def _infer(model: nn.Module, lr: Tensor) -> Callable[[], None]:
 
 def _time_round_robin(
     cases: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median wall time (s) per case; each round runs every case once, in order."""
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU times (s) of every run; each round runs every case once, in order.
+
+    Returns:
+        ``{"wall": {case: [t per round]}, "cpu": {...}}``.
+    """
     for fn in cases.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    wall: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
+
+
+def _summary(times: dict[str, dict[str, list[float]]], base: str) -> dict[str, dict[str, float]]:
+    """Per case: median wall and CPU seconds, and the median over rounds of the ratio to
+    ``base`` measured in the same round (robust to load that drifts between rounds)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in times["wall"]:
+        row: dict[str, float] = {}
+        for clock in ("wall", "cpu"):
+            t, b = times[clock][name], times[clock][base]
+            row[f"{clock}_s"] = statistics.median(t)
+            row[f"{clock}_ratio"] = statistics.median(x / y for x, y in zip(t, b, strict=True))
+        out[name] = row
+    return out
 
 
 def main() -> None:
@@ -156,6 +198,10 @@ def main() -> None:
     calibrate(ddtb_kd, [lr])
     set_gates_applied(ddtb_kd, True)
     ddtb_kd.train()
+    ddtb_kd2 = quantize(fp, DDTBConfig(bits=args.bits))
+    calibrate(ddtb_kd2, [lr])
+    set_gates_applied(ddtb_kd2, True)
+    ddtb_kd2.train()
     pams = quantize(fp, PAMSConfig(bits=args.bits))
     calibrate(pams, [lr])
     pams.train()
@@ -164,25 +210,19 @@ def main() -> None:
         "fp_step": _train_step(fp, lr, hr),
         "ddtb_step": _train_step(ddtb, lr, hr),
         "ddtb_recipe_step": _train_step(ddtb_kd, lr, hr, teacher),
+        "ddtb_recipe_feat_step": _train_step(ddtb_kd2, lr, hr, teacher, teacher_tail=False),
         "pams_step": _train_step(pams, lr, hr),
     }
-    t_train = _time_round_robin(train_cases, args.repeats, args.warmup)
+    t_train = _summary(_time_round_robin(train_cases, args.repeats, args.warmup), "fp_step")
 
-    # Separate eval copies, so the training cases above keep their train-mode modules.
+    # Inference with the same (now trained a few steps) models; eval mode uses the weight cache.
     infer_models = {"fp": fp, "ddtb": ddtb, "pams": pams}
     for m in infer_models.values():
         m.eval()
     infer_cases = {f"{k}_infer": _infer(m, lr_inf) for k, m in infer_models.items()}
-    t_infer = _time_round_robin(infer_cases, args.repeats, args.warmup)
+    t_infer = _summary(_time_round_robin(infer_cases, args.repeats, args.warmup), "fp_infer")
 
-    seconds = {**t_train, **t_infer}
-    ratios = {
-        "ddtb_step": t_train["ddtb_step"] / t_train["fp_step"],
-        "ddtb_recipe_step": t_train["ddtb_recipe_step"] / t_train["fp_step"],
-        "pams_step": t_train["pams_step"] / t_train["fp_step"],
-        "ddtb_infer": t_infer["ddtb_infer"] / t_infer["fp_infer"],
-        "pams_infer": t_infer["pams_infer"] / t_infer["fp_infer"],
-    }
+    results = {**t_train, **t_infer}
     record = {
         "arch": args.arch,
         "scale": args.scale,
@@ -190,8 +230,7 @@ def main() -> None:
         "batch": args.batch,
         "patch": args.patch,
         "infer_size": args.infer_size,
-        "seconds": seconds,
-        "ratio_to_fp": ratios,
+        "results": results,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
@@ -200,19 +239,26 @@ def main() -> None:
     }
     print(json.dumps(record))
     train_shape = f"{args.batch}×3×{args.patch}²"
+    labels = {
+        "fp_step": f"FP train step ({train_shape})",
+        "ddtb_step": "DDTB QAT step (student)",
+        "ddtb_recipe_step": "DDTB QAT step (recipe: + teacher, AT)",
+        "ddtb_recipe_feat_step": "  same, teacher without its tail",
+        "pams_step": "PAMS QAT step (student)",
+        "fp_infer": f"FP inference (1×3×{args.infer_size}²)",
+        "ddtb_infer": "DDTB inference",
+        "pams_infer": "PAMS inference",
+    }
     rows = [
-        {"case": f"FP train step ({train_shape})", "seconds": seconds["fp_step"], "ratio": 1.0},
-        {"case": "DDTB QAT step (student)", "seconds": seconds["ddtb_step"],
-         "ratio": ratios["ddtb_step"]},
-        {"case": "DDTB QAT step (recipe: + teacher, AT)", "seconds": seconds["ddtb_recipe_step"],
-         "ratio": ratios["ddtb_recipe_step"]},
-        {"case": "PAMS QAT step (student)", "seconds": seconds["pams_step"],
-         "ratio": ratios["pams_step"]},
-        {"case": f"FP inference (1×3×{args.infer_size}²)", "seconds": seconds["fp_infer"],
-         "ratio": 1.0},
-        {"case": "DDTB inference", "seconds": seconds["ddtb_infer"], "ratio": ratios["ddtb_infer"]},
-        {"case": "PAMS inference", "seconds": seconds["pams_infer"], "ratio": ratios["pams_infer"]},
-    ]  # fmt: skip
+        {
+            "case": label,
+            "wall s": results[key]["wall_s"],
+            "ratio (wall)": results[key]["wall_ratio"],
+            "CPU s": results[key]["cpu_s"],
+            "ratio (CPU)": results[key]["cpu_ratio"],
+        }
+        for key, label in labels.items()
+    ]
     print(format_table(rows))
 
 

@@ -543,3 +543,16 @@ def test_basicsr_file_into_wrong_model_names_it(tmp_path: Path):
     torch.save({"params": basic}, tmp_path / "b.pth")
     with pytest.raises(CheckpointError, match="read as a BasicSR EDSR file"):
         load_weights(tiny("edsr_baseline", 4), tmp_path / "b.pth")
+
+
+@pytest.mark.parametrize("name", ["edsr_tiny", "rdn", "srresnet"])
+def test_features_equal_forward_features_feat(name):
+    small = {
+        "edsr_tiny": {},
+        "rdn": {"D": 2, "C": 2, "G": 8, "G0": 8},
+        "srresnet": {"n_resblocks": 2, "n_feats": 8},
+    }[name]
+    torch.manual_seed(0)
+    model = create_model(name, scale=2, **small).eval()
+    x = torch.rand(1, 3, 10, 9) * 255
+    torch.testing.assert_close(model.features(x), model.forward_features(x)[1], rtol=0, atol=0)

@@ -677,3 +677,250 @@ def test_lsq_init_alpha_hand_example() -> None:
     assert a.item() == pytest.approx(5 / math.sqrt(7), rel=1e-15)
     assert F.lsq_init_alpha(x, 4, signed=False).item() == pytest.approx(5 / math.sqrt(15))
     assert F.lsq_init_alpha(x, 8, signed=True).item() == pytest.approx(5 / math.sqrt(127))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused autograd Functions vs their plain-autograd references (§1.1, §1.2, §1.8)
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_tol(dtype: torch.dtype, scale: float) -> dict[str, float]:
+    # The references sum terms of size `scale` that largely cancel (e.g. sum(g * a / s) and
+    # sum(g * out / s)); the fused backward sums their difference, so the two agree to rounding
+    # of those partial sums, not of the (possibly much smaller) result.
+    if dtype == torch.float64:
+        return {"rtol": 1e-12, "atol": 1e-12 * scale}
+    return {"rtol": 1e-5, "atol": 1e-6 * scale}
+
+
+def _asym_input(
+    gen: torch.Generator, dtype: torch.dtype, per_sample: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random activations plus exact ties with both bounds, grid points and half-step points."""
+    n = 4
+    x = torch.randn(n, 3, 6, 7, generator=gen, dtype=dtype) * 3
+    shape = (n, 1, 1, 1) if per_sample else (1,)
+    lower = -0.5 - torch.rand(shape, generator=gen, dtype=dtype) * 2
+    upper = 0.5 + torch.rand(shape, generator=gen, dtype=dtype) * 3
+    lo_b, up_b = lower.expand(n, 1, 1, 1), upper.expand(n, 1, 1, 1)
+    s, zp = F.asym_quant_params(lo_b, up_b, bits)
+    flat = x.view(n, -1)
+    flat[:, :5] = lo_b.view(n, 1)  # ties with lower
+    flat[:, 5:10] = up_b.view(n, 1)  # ties with upper
+    codes = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=dtype)
+    m = codes.numel()
+    flat[:, 10 : 10 + m] = (codes + zp.view(n, 1)) / s.view(n, 1)  # grid points
+    flat[:, 20 : 20 + m] = (codes + 0.5 + zp.view(n, 1)) / s.view(n, 1)  # half steps
+    return x, lower, upper
+
+
+def _run(fn, x, lower, upper, go, **kw):  # type: ignore[no-untyped-def]
+    xr, lr, ur = (t.detach().clone().requires_grad_() for t in (x, lower, upper))
+    out = fn(xr, lr, ur, **kw)
+    out.backward(go)
+    return out.detach(), xr.grad, lr.grad, ur.grad
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("clamp_codes", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_asym_matches_reference_autograd(
+    dtype: torch.dtype, bits: int, per_sample: bool, clamp_codes: bool, clip: bool
+) -> None:
+    gen = _gen(1000 + 7 * bits + 3 * per_sample + clamp_codes)
+    x, lower, upper = _asym_input(gen, dtype, per_sample, bits)
+    go = torch.randn(x.shape, generator=gen, dtype=dtype)
+    kw = {"bits": bits, "clip": clip, "clamp_codes": clamp_codes}
+    out_r, gx_r, gl_r, gu_r = _run(F._asym_fake_quant_reference, x, lower, upper, go, **kw)
+    out_f, gx_f, gl_f, gu_f = _run(F.asym_fake_quant, x, lower, upper, go, **kw)
+    assert torch.equal(out_f, out_r)
+    assert torch.equal(gx_f, gx_r)
+    assert gl_f.shape == lower.shape and gu_f.shape == upper.shape
+    a = torch.max(torch.min(x, upper), lower) if clip else x
+    scale = float((go.abs() * (a.abs() + out_r.abs())).sum() / (upper - lower).min())
+    scale += float(go.abs().sum())
+    torch.testing.assert_close(gl_f, gl_r, **_grad_tol(dtype, scale))
+    torch.testing.assert_close(gu_f, gu_r, **_grad_tol(dtype, scale))
+    if clip:  # the x gradient is 1/2 exactly at the ties with either bound
+        ties = (x == lower) | (x == upper)
+        torch.testing.assert_close(gx_f[ties], go[ties] / 2 * 1.0, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_asym_tie_gradients_by_hand(dtype: torch.dtype) -> None:
+    # The §1.1 example of test_asym_gradient_at_exact_ties_splits_half_half, through the fused
+    # path explicitly: x == upper sends 0.5 to x and 0.5 to upper; x == lower likewise.
+    lower = torch.tensor([-1.0], dtype=dtype, requires_grad=True)
+    upper = torch.tensor([2.0], dtype=dtype, requires_grad=True)
+    x = torch.tensor([2.0, -1.0, 0.5, 3.0, -4.0], dtype=dtype, requires_grad=True)
+    out = F.asym_fake_quant(x, lower, upper, 2)
+    assert out.grad_fn is not None and "AsymFakeQuant" in type(out.grad_fn).__name__
+    out.backward(torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0], dtype=dtype))
+    assert x.grad.tolist() == [0.5, 5.0, 100.0, 0.0, 0.0]
+    # a - out: 0.5 -> s = 1, zp = 1, q = round(0.5 - 1) = -0 -> out = 1, a - out = -0.5.
+    # upper: 0.5 (tie) + 1000 (above) - sum(g (a - out)) / R = 1000.5 + 50 / 3.
+    # lower: 5 (tie) + 10000 (below) + sum(g (a - out)) / R = 10005 - 50 / 3.
+    torch.testing.assert_close(upper.grad, torch.tensor([1000.5 + 50 / 3], dtype=dtype))
+    torch.testing.assert_close(lower.grad, torch.tensor([10005 - 50 / 3], dtype=dtype))
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fused_asym_crossed_bounds_match_reference(per_sample: bool) -> None:
+    # lower > upper (a broken state a gate could reach): min/max give a = lower everywhere and
+    # the whole clip gradient goes to lower; the fused backward reproduces that.
+    dtype = torch.float64
+    gen = _gen(77)
+    x = torch.randn(3, 2, 4, 4, generator=gen, dtype=dtype)
+    shape = (3, 1, 1, 1) if per_sample else (1,)
+    lower = torch.full(shape, 0.8, dtype=dtype)
+    upper = torch.full(shape, 0.3, dtype=dtype)
+    if per_sample:
+        upper[0] = 1.5  # one sample with valid bounds
+    go = torch.randn(x.shape, generator=gen, dtype=dtype)
+    ref = _run(F._asym_fake_quant_reference, x, lower, upper, go, bits=3)
+    got = _run(F.asym_fake_quant, x, lower, upper, go, bits=3)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["x", "bounds"])
+def test_fused_asym_partial_requires_grad(which: str) -> None:
+    dtype = torch.float32
+    gen = _gen(5)
+    x, lower, upper = _asym_input(gen, dtype, True, 2)
+    go = torch.randn(x.shape, generator=gen, dtype=dtype)
+    grads = []
+    for fn in (F._asym_fake_quant_reference, F.asym_fake_quant):
+        xr, lr, ur = (t.clone() for t in (x, lower, upper))
+        inputs = [xr] if which == "x" else [lr, ur]
+        for t in inputs:
+            t.requires_grad_()
+        out = fn(xr, lr, ur, 2, clamp_codes=True)
+        grads.append(torch.autograd.grad(out, inputs, go))
+    if which == "x":
+        assert torch.equal(grads[0][0], grads[1][0])
+    else:
+        for r, f in zip(grads[0], grads[1], strict=True):
+            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_asym_other_bound_shapes_and_retain_graph() -> None:
+    # Per-channel bounds [1, C, 1, 1] take the generic reduction; a second backward through a
+    # retained graph must see the same saved tensors.
+    dtype = torch.float64
+    gen = _gen(9)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=dtype)
+    lower = -0.5 - torch.rand(1, 3, 1, 1, generator=gen, dtype=dtype)
+    upper = 0.5 + torch.rand(1, 3, 1, 1, generator=gen, dtype=dtype)
+    go = torch.randn(x.shape, generator=gen, dtype=dtype)
+    ref = _run(F._asym_fake_quant_reference, x, lower, upper, go, bits=2)
+    xr, lr, ur = (t.clone().requires_grad_() for t in (x, lower, upper))
+    out = F.asym_fake_quant(xr, lr, ur, 2)
+    first = torch.autograd.grad(out, (xr, lr, ur), go, retain_graph=True)
+    second = torch.autograd.grad(out, (xr, lr, ur), go)
+    for g1, g2, r in zip(first, second, ref[1:], strict=True):
+        assert torch.equal(g1, g2)
+        torch.testing.assert_close(g1, r, rtol=1e-12, atol=1e-12)
+
+
+def test_asym_without_autograd_builds_no_graph_and_matches() -> None:
+    gen = _gen(11)
+    x, lower, upper = _asym_input(gen, torch.float32, True, 3)
+    x.requires_grad_()
+    lower.requires_grad_()
+    ref = F._asym_fake_quant_reference(x, lower, upper, 3, clamp_codes=True).detach()
+    with torch.no_grad():
+        out = F.asym_fake_quant(x, lower, upper, 3, clamp_codes=True)
+    assert out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, ref)
+    with torch.inference_mode():
+        assert torch.equal(F.asym_fake_quant(x, lower, upper, 3, clamp_codes=True), ref)
+
+
+def test_asym_mixed_dtypes_and_broadcast_x_use_the_reference() -> None:
+    x = torch.randn(1, 2, 3, 3, generator=_gen(12))
+    lower64 = torch.tensor([-0.7], dtype=torch.float64)
+    upper64 = torch.tensor([1.1], dtype=torch.float64)
+    out = F.asym_fake_quant(x, lower64, upper64, 2)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, F._asym_fake_quant_reference(x, lower64, upper64, 2))
+    # x broadcast by per-sample bounds: output [2, 2, 3, 3].
+    lo = torch.tensor([-0.7, -0.2]).view(2, 1, 1, 1)
+    up = torch.tensor([1.1, 0.4]).view(2, 1, 1, 1)
+    out2 = F.asym_fake_quant(x, lo, up, 2)
+    assert out2.shape == (2, 2, 3, 3)
+    assert torch.equal(out2, F._asym_fake_quant_reference(x, lo, up, 2))
+
+
+@pytest.mark.parametrize("channels", [3, 32, 64])
+@pytest.mark.parametrize("mode", ["percentile", "minmax"])
+@pytest.mark.parametrize("clamp_codes", [False, True])
+def test_fused_weight_quant_matches_reference(channels: int, mode: str, clamp_codes: bool) -> None:
+    # §1.2 numerics unchanged: the float64 torch.quantile bounds and the plain-autograd graph.
+    gen = _gen(channels)
+    w = (torch.randn(channels, channels, 3, 3, generator=gen) * 0.05).requires_grad_()
+    go = torch.randn(w.shape, generator=gen)
+    out = F.ddtb_weight_quant(w, 2, mode, clamp_codes=clamp_codes)  # type: ignore[arg-type]
+    (gw,) = torch.autograd.grad(out, w, go)
+    wd = w.detach()
+    if mode == "percentile":
+        flat = wd.double().flatten()
+        lo = torch.quantile(flat, 0.01).float().reshape(1)
+        up = torch.quantile(flat, 0.99).float().reshape(1)
+    else:
+        lo, up = wd.min().reshape(1), wd.max().reshape(1)
+    wr = w.detach().clone().requires_grad_()
+    ref = F._asym_fake_quant_reference(
+        wr, lo, up, 2, clip=mode == "percentile", clamp_codes=clamp_codes, guard=True
+    )
+    ref = torch.where(up == lo, wr, ref)
+    (gw_ref,) = torch.autograd.grad(ref, wr, go)
+    assert torch.equal(out.detach(), ref.detach())
+    assert torch.equal(gw, gw_ref)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9216, 36864])
+def test_percentile_bounds_equal_float64_quantile_with_duplicates(n: int) -> None:
+    gen = _gen(n + 1)
+    t = torch.randn(n, generator=gen) * 0.05
+    t[: n // 4] = torch.round(t[: n // 4] * 50) / 50  # duplicates in the tails
+    t[n // 4 : n // 2] = 0.0
+    for q_low, q_high in ((1.0, 99.0), (5.0, 95.0), (0.0, 100.0), (50.0, 50.0), (0.3, 97.1)):
+        lo, up = F.percentile_bounds(t.view(-1, 1), q_low, q_high)
+        flat = t.double()
+        assert torch.equal(lo, torch.quantile(flat, q_low / 100).float().reshape(1))
+        assert torch.equal(up, torch.quantile(flat, q_high / 100).float().reshape(1))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha0", [1.7, 2.0, -1.5])
+def test_fused_pams_matches_reference_autograd(
+    bits: int, dtype: torch.dtype, alpha0: float
+) -> None:
+    gen = _gen(2000 + bits)
+    x = torch.randn(3, 4, 5, 6, generator=gen, dtype=dtype) * 3
+    qmax = 2 ** (bits - 1) - 1
+    flat = x.view(-1)
+    flat[:5] = alpha0  # ties with the clip
+    flat[5:10] = -alpha0
+    flat[10:30] = torch.arange(-10, 10, dtype=dtype) * (alpha0 / qmax / 2)  # grid, half steps
+    go = torch.randn(x.shape, generator=gen, dtype=dtype)
+    results = []
+    for fn in (F._pams_act_quant_reference, F.pams_act_quant):
+        xr = x.clone().requires_grad_()
+        alpha = torch.tensor([alpha0], dtype=dtype, requires_grad=True)
+        out = fn(xr, alpha, bits)
+        out.backward(go)
+        results.append((out.detach(), xr.grad, alpha.grad))
+    (o_r, gx_r, ga_r), (o_f, gx_f, ga_f) = results
+    assert torch.equal(o_f, o_r)
+    assert torch.equal(gx_f, gx_r)
+    scale = float((go.abs() * (x.abs() + 1)).sum())
+    torch.testing.assert_close(ga_f, ga_r, **_grad_tol(dtype, scale))
+    with torch.no_grad():
+        o_ng = F.pams_act_quant(x, torch.tensor([alpha0], dtype=dtype), bits)
+    assert torch.equal(o_ng, o_r)

@@ -145,10 +145,13 @@ class EDSR(nn.Module):
             ``(sr, feat)``: sr is N×3×(sH)×(sW) in [0, rgb_range] (not clamped); feat is the
             N×n_feats×H×W tensor entering ``tail`` (body output + head output).
         """
+        feat = self.features(lr)
+        return self.add_mean(self.tail(feat)), feat
+
+    def features(self, lr: Tensor) -> Tensor:
+        """Only the pre-tail feature (N×n_feats×H×W): a distillation teacher needs no tail."""
         x = self.head(self.sub_mean(lr))
-        feat = self.body(x) + x
-        sr = self.add_mean(self.tail(feat))
-        return sr, feat
+        return self.body(x) + x
 
     def forward(self, lr: Tensor) -> Tensor:
         """N×3×H×W RGB in [0, rgb_range] → N×3×(sH)×(sW) in the same range (not clamped)."""

@@ -132,14 +132,18 @@ class RDN(nn.Module):
             ``(sr, feat)``: sr is N×n_colors×(sH)×(sW) (not clamped); feat is the N×G0×H×W
             tensor entering ``UPNet`` (GFF output + SFENet1 output).
         """
+        feat = self.features(lr)
+        return self.UPNet(feat), feat
+
+    def features(self, lr: Tensor) -> Tensor:
+        """Only the pre-upsampler feature (N×G0×H×W): a distillation teacher needs no UPNet."""
         f1 = self.SFENet1(lr)
         x = self.SFENet2(f1)
         block_outputs = []
         for rdb in self.RDBs:
             x = rdb(x)
             block_outputs.append(x)
-        feat = self.GFF(torch.cat(block_outputs, dim=1)) + f1
-        return self.UPNet(feat), feat
+        return self.GFF(torch.cat(block_outputs, dim=1)) + f1
 
     def forward(self, lr: Tensor) -> Tensor:
         """N×n_colors×H×W in [0, rgb_range] → N×n_colors×(sH)×(sW), same range, not clamped."""

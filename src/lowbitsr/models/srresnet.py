@@ -123,9 +123,13 @@ class SRResNet(nn.Module):
             ``(sr, feat)``: sr is N×n_colors×(sH)×(sW) (not clamped); feat is the N×n_feats×H×W
             tensor entering ``upscale`` (``bn_mid(conv_mid(residual(h))) + h``, h the head output).
         """
-        h = self.relu(self.conv_input(lr))
-        feat = self.bn_mid(self.conv_mid(self.residual(h))) + h
+        feat = self.features(lr)
         return self.conv_output(self.upscale(feat)), feat
+
+    def features(self, lr: Tensor) -> Tensor:
+        """Only the pre-upsampler feature (N×n_feats×H×W): a distillation teacher needs no tail."""
+        h = self.relu(self.conv_input(lr))
+        return self.bn_mid(self.conv_mid(self.residual(h))) + h
 
     def forward(self, lr: Tensor) -> Tensor:
         """N×n_colors×H×W in [0, rgb_range] → N×n_colors×(sH)×(sW), same range, not clamped."""

@@ -14,7 +14,7 @@ function                       section
 ``asym_quant_params``          §1.1 scale ``s`` and zero point ``zp``
 ``asym_quantize_codes``        §1.1 integer code ``q`` (for the integer exporter)
 ``asym_fake_quant``            §1.1 DDTB activation quantizer with two bounds (also used by §1.2)
-``percentile_bounds``          §1.2 / §1.4 percentile bounds via ``torch.quantile`` in float64
+``percentile_bounds``          §1.2 / §1.4 percentile bounds, ``torch.quantile`` in float64 exactly
 ``ddtb_weight_quant``          §1.2 DDTB weight quantizer (percentile + clip, or min/max no clip)
 ``ternary_weight_quant``       §1.2 the gate's symmetric max-abs weight quantizer (k = 2: ternary)
 ``gate_act_quant``             §1.3 the gate's ``Q2`` (min/max bounds, per sample or per batch)
@@ -24,6 +24,14 @@ function                       section
 ``lsq_fake_quant``             §2.3 LSQ fake quantizer with gradient-scaled step ``alpha``
 ``lsq_init_alpha``             §2.3 LSQ step initialisation ``2 * mean|x| / sqrt(Qp)``
 =============================  ====================================================================
+
+Speed (the quantizers run on every activation of every training step): ``asym_fake_quant`` (and
+the DDTB weight quantizer) and ``pams_act_quant`` are custom autograd Functions whose forward is
+bit-identical to the plain formula and whose backward is the closed form of the gradients
+autograd derives from that formula (``_AsymFakeQuant``, ``_PAMSActQuant``; the plain versions
+are kept as ``_asym_fake_quant_reference`` / ``_pams_act_quant_reference`` and the tests compare
+them). Without autograd (eval, ``no_grad``) they run the forward in place and save nothing.
+``percentile_bounds`` selects the two order statistics instead of sorting a float64 copy.
 """
 
 from __future__ import annotations
@@ -275,6 +283,20 @@ def _asym_fake_quant_reference(
     return (q + zp) / s
 
 
+def _quant_chain(a: Tensor, s: Tensor, zp: Tensor, bits: int, clamp_codes: bool) -> Tensor:
+    """``(clamp(round(s * a - zp)) + zp) / s`` in the §1.1 order, in one fresh buffer.
+
+    Bit-identical to the reference graph: the same elementwise kernels run in the same order
+    (``a * s == s * a``), only in place; the reference's straight-through clamp
+    ``q + (clamp(q) - q)`` equals ``clamp(q)`` exactly because the codes are small integers.
+    """
+    out = torch.mul(a, s)
+    out.sub_(zp).round_()
+    if clamp_codes:
+        out.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return out.add_(zp).div_(s)
+
+
 def _asym_fq_forward(
     x: Tensor,
     lower: Tensor,
@@ -283,83 +305,88 @@ def _asym_fq_forward(
     clip: bool,
     clamp_codes: bool,
     guard: bool,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """The §1.1 forward without autograd, in the exact operation order, reusing buffers.
+) -> Tensor:
+    """The §1.1 forward without autograd (eval, ``no_grad``): three buffers-worth of work.
 
-    Returns ``(out, a, s, zp)`` where ``a`` is the clipped input (None when ``clip=False``).
-    Bit-identical to :func:`_asym_fake_quant_reference`: the same elementwise kernels run in the
-    same order (``s * a == a * s``), only in place; the straight-through clamp of the reference
-    (``q + (clamp(q) - q)``) equals ``clamp(q)`` exactly because the codes are small integers.
+    Bit-identical to :func:`_asym_fake_quant_reference`; ``x`` must already have the broadcast
+    shape of ``x`` and the bounds, and all three the same dtype (see :func:`_fused_ok`).
     """
     s, zp = _asym_params(lower, upper, bits, guard)
-    a: Tensor | None = None
-    if clip:
-        a = torch.minimum(x, upper)
-        torch.maximum(a, lower, out=a)
-        out = torch.mul(a, s)
-    else:
-        out = torch.mul(x, s)
-    out.sub_(zp).round_()
-    if clamp_codes:
-        out.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    out.add_(zp).div_(s)
-    return out, a, s, zp
+    if not clip:
+        return _quant_chain(x, s, zp, bits, clamp_codes)
+    a = torch.minimum(x, upper)
+    torch.maximum(a, lower, out=a)
+    return _quant_chain(a, s, zp, bits, clamp_codes)
 
 
 def _reduce_rows(rows: Tensor, g: Tensor, shape: torch.Size) -> Tensor:
-    """``(rows * g)`` summed down to ``shape`` for each row, in one pass where possible.
+    """``sum(rows[i] * g)`` down to the bounds' ``shape`` for every row ``i``, without a
+    ``rows``-sized temporary.
 
     Args:
-        rows: ``[r, *g.shape]`` per-element weights.
-        g: the incoming gradient (the full broadcast shape).
-        shape: the bounds' broadcast shape (``[1]``, ``[N, 1, 1, 1]``, or any shape that
-            broadcasts to ``g``).
+        rows: ``[r, *g.shape]`` per-element weights, contiguous.
+        g: the incoming gradient, the full broadcast shape.
+        shape: the bounds' broadcast shape: ``[1]`` (one matrix-vector product over
+            everything), ``[N, 1, ..., 1]`` (one per sample) or any shape broadcasting to ``g``.
 
     Returns:
-        ``[r, *shape]``.
+        ``[r, *shape]``, dtype of ``g``.
     """
     r = rows.shape[0]
-    nd = g.dim()
-    padded = (1,) * (nd - len(shape)) + tuple(shape)
+    padded = (1,) * (g.dim() - len(shape)) + tuple(shape)
     if math.prod(padded) == 1:
-        # Per-tensor bounds: one matrix-vector product over everything.
-        sums = torch.mv(rows.reshape(r, -1), g.reshape(-1))
+        sums = torch.mv(rows.view(r, -1), g.reshape(-1))
     elif padded[0] == g.shape[0] and math.prod(padded[1:]) == 1:
-        # Per-sample bounds: a batched dot product over C, H, W of each sample.
         n = g.shape[0]
-        sums = (rows.reshape(r, n, -1) * g.reshape(1, n, -1)).sum(-1)
+        rs, gs = rows.view(r, n, -1), g.reshape(n, -1)
+        sums = torch.stack([torch.mv(rs[:, i], gs[i]) for i in range(n)], dim=1)
     else:
         sums = (rows * g).sum_to_size((r, *padded))
     return sums.reshape((r, *shape))
 
 
 class _AsymFakeQuant(torch.autograd.Function):
-    """METHODS §1.1 fake quantizer with a closed-form, few-pass backward.
+    """METHODS §1.1 fake quantizer: exact forward, closed-form backward in three passes.
 
-    Forward: :func:`_asym_fq_forward` (bit-identical to the reference). The backward reproduces
-    the gradients that autograd derives from the reference graph, in closed form. With
-    ``t = min(x, upper)``, ``a = max(t, lower)``, ``g`` the incoming gradient, and the tie rule of
-    ``torch.minimum``/``torch.maximum`` (a tie sends half of the gradient to each argument):
+    The forward is :func:`_quant_chain` after the min/max clip, bit-identical to
+    :func:`_asym_fake_quant_reference`. The backward gives the gradients autograd derives from
+    that reference graph (``t = min(x, u)``, ``a = max(t, l)``, ``s = n * (1/R)``,
+    ``R = u - l``, ``zp = round_ste(s*l) + 2**(k-1)``, ``out = (round_ste(s*a - zp) + zp) / s``;
+    ``g`` is the incoming gradient, sums run over the dims a bound broadcasts over):
 
-    - ``w_x = m(t vs lower) * m'(x vs upper)``, ``w_u = m(t vs lower) * (1 - m'(x vs upper))``,
-      ``w_l = 1 - m(t vs lower)`` with ``m(t vs l) = 1, 0.5, 0`` for ``t >, ==, < l`` and
-      ``m'(x vs u) = 1, 0.5, 0`` for ``x <, ==, > u``. In terms of signs, with
-      ``A = 1 + sign(t - lower)`` and ``σ = sign(x - upper)``: ``4 w_x = A (1 - σ)``,
-      ``4 w_u = A (1 + σ)``, ``2 w_l = 2 - A``.
-    - ``d out/d x = ((g / s) * s) * w_x``: the reference multiplies by ``1/s`` (division) and then
-      by ``s`` (the ``s * a`` product); computed here as ``(g / s) * (s * w_x)``, the same bits
-      because ``w_x`` is 0, 1/4, 1/2 or 1 (exact scalings).
-    - The zero point gets ``sum(g / s) - sum(g / s) = 0`` (through ``q + zp`` and ``s*a - zp``),
-      so it contributes nothing to either bound.
-    - ``d/ds = sum(g * (a - out)) / s``; ``s = n * reciprocal(R)`` with ``R = upper - lower``
-      gives ``d/dR = -(n * d/ds) * (1/R)**2`` (the reference's own chain).
-    - ``d/d upper = sum(g * w_u) + d/dR``, ``d/d lower = sum(g * w_l) - d/dR``, summed over the
-      dims the bounds broadcast over.
+    - The division passes ``g / s`` to ``q + zp`` and ``-sum(g * out / s)`` to ``s``; ``g / s``
+      goes straight through both roundings (and the straight-through clamp) to ``s * a``, which
+      passes ``(g / s) * s`` to ``a`` and ``sum((g / s) * a)`` to ``s``.
+    - The zero point gets ``sum(g / s)`` from ``q + zp`` and ``-sum(g / s)`` from ``s*a - zp``:
+      exactly zero, so nothing reaches ``s`` or ``l`` through ``round_ste(s * l)``.
+    - Hence ``d/ds = sum(g * (a - out)) / s`` and ``d/dR = -(n * d/ds) * (1/R)**2``, which goes
+      to ``u`` with sign ``+`` and to ``l`` with sign ``-``.
+    - ``torch.minimum``/``torch.maximum`` send the gradient to the smaller/larger argument and
+      half to each at a tie. With ``σ = sign(x - u)``, ``τ = sign(l - t)`` and
+      ``ok = 1[l < u]`` (per bound element), the share of ``a``'s gradient that reaches each
+      input is ``w_x = -ok (σ + τ) / 2``, ``w_u = ok (1 + σ) / 2``, ``w_l = (1 + τ) / 2``:
 
-    Saved: ``s * w_x`` (when ``x`` needs a gradient) and one ``[3, *x.shape]`` buffer with rows
-    ``a - out``, ``4 w_u``, ``2 w_l`` (when a bound does), all computed in the forward with a
-    handful of in-place sign/add passes; the backward is then one division, one multiplication
-    and one matrix-vector product.
+      ==========  =====  =====  =====
+      region      w_x    w_u    w_l
+      ==========  =====  =====  =====
+      x > u       0      1      0
+      x == u      1/2    1/2    0
+      l < x < u   1      0      0
+      x == l      1/2    0      1/2
+      x < l       0      0      1
+      l > u       0      0      1     (crossed bounds: ``a = l`` everywhere)
+      ==========  =====  =====  =====
+
+    - So ``d/dx = ((g / s) * s) * w_x``, computed as ``(g / s) * (s * w_x)``: the same bits,
+      since ``w_x`` is 0, 1/2 or 1 (exact scalings); ``d/du = sum(g * w_u) + d/dR`` and
+      ``d/dl = sum(g * w_l) - d/dR`` (``g`` for the reference's ``(g / s) * s``, one ulp apart,
+      and summation order differ: the bound gradients agree to rounding).
+
+    ``l == u`` gives ``s = inf`` and NaN, in the reference as here. Saved for the backward:
+    ``s * w_x`` (if ``x`` needs a gradient) and a ``[3, *x.shape]`` buffer with rows ``a - out``,
+    ``1 + σ``, ``1 + τ`` (if a bound does), built in the forward with in-place passes over
+    buffers it needs anyway; the backward is one division, one multiplication and one
+    matrix-vector product per bound element group.
     """
 
     @staticmethod
@@ -376,66 +403,56 @@ class _AsymFakeQuant(torch.autograd.Function):
         need_x, need_lo, need_up = ctx.needs_input_grad[:3]
         need_b = need_lo or need_up
         s, zp = _asym_params(lower, upper, bits, guard)
+        ok = (lower < upper).to(s.dtype)
         rows: Tensor | None = None
         sw: Tensor | None = None
         if clip:
-            t = torch.minimum(x, upper)
-            if need_x or need_b:
-                # Rows 1, 2 hold σ and 2 w_l, then 4 w_u and 2 w_l; row 0 gets a - out below.
-                rows = x.new_empty((3 if need_b else 2, *x.shape))
-                sig_u, wl2 = rows[-2], rows[-1]
-                torch.sub(x, upper, out=sig_u).sign_()  # σ = sign(x - upper)
-                torch.sub(lower, t, out=wl2).sign_().add_(1)  # 1 - sign(t - lower) = 2 w_l
-                big_a = torch.rsub(wl2, 2)  # A = 1 + sign(t - lower)
-                if need_x:
-                    # 4 w_x = A (1 - σ); times s / 4: exact, the result is 0, s/4, s/2 or s.
-                    sw = torch.addcmul(big_a, big_a, sig_u, value=-1).mul_(s * 0.25)
-                if need_b:
-                    torch.addcmul(big_a, big_a, sig_u, out=sig_u)  # 4 w_u = A (1 + σ)
-                else:
-                    rows = None
-            a = torch.maximum(t, lower, out=t)
+            rows = x.new_empty((3, *x.shape))
+            a = torch.minimum(x, upper, out=rows[0])  # t, then a, then a - out
+            torch.sub(x, upper, out=rows[1])
+            torch.sub(lower, a, out=rows[2])
+            rows[1:].sign_()  # σ, τ
+            if need_x:
+                sw = torch.add(rows[1], rows[2]).mul_(s * (-0.5) * ok)  # s * w_x
+            torch.maximum(a, lower, out=a)
+            out = _quant_chain(a, s, zp, bits, clamp_codes)
+            if need_b:
+                rows[1:].add_(1)  # 2 w_u / ok, 2 w_l
+                a.sub_(out)
+            else:
+                rows = None
         else:
-            a = x
-        out = torch.mul(a, s)
-        out.sub_(zp).round_()
-        if clamp_codes:
-            out.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        out.add_(zp).div_(s)
-        if need_b:
-            if rows is None:  # clip=False: only the a - out row
-                rows = x.new_empty((1, *x.shape))
-            torch.sub(a, out, out=rows[0])
-        ctx.clip = clip
+            out = _quant_chain(x, s, zp, bits, clamp_codes)
+            if need_b:
+                rows = torch.sub(x, out).unsqueeze(0)
         ctx.bits = bits
+        ctx.clip = clip
         ctx.shapes = (lower.shape, upper.shape)
-        ctx.save_for_backward(s, lower, upper, sw, rows)
+        ctx.save_for_backward(s, lower, upper, ok, sw, rows)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        s, lower, upper, sw, rows = ctx.saved_tensors
+        s, lower, upper, ok, sw, rows = ctx.saved_tensors
         need_x, need_lo, need_up = ctx.needs_input_grad[:3]
         gx = gl = gu = None
         if need_x:
-            gx = torch.div(g, s)
-            gx.mul_(sw if ctx.clip else s)
+            gx = torch.div(g, s).mul_(sw if ctx.clip else s)
         if need_lo or need_up:
             sums = _reduce_rows(rows, g, s.shape)
-            gs = sums[0] / s
             r = torch.reciprocal(upper - lower)
-            g_rng = -(gs * (2**ctx.bits - 1)) * (r * r)
+            g_rng = -((sums[0] / s) * (2**ctx.bits - 1)) * (r * r)
             if ctx.clip:
-                gu_full = sums[1] * 0.25 + g_rng
-                gl_full = sums[2] * 0.5 - g_rng
+                g_up = sums[1] * (0.5 * ok) + g_rng
+                g_lo = sums[2] * 0.5 - g_rng
             else:
-                gu_full, gl_full = g_rng, -g_rng
+                g_up, g_lo = g_rng, -g_rng
             lo_shape, up_shape = ctx.shapes
             if need_lo:
-                gl = gl_full.sum_to_size(lo_shape) if gl_full.shape != lo_shape else gl_full
+                gl = g_lo if g_lo.shape == lo_shape else g_lo.sum_to_size(lo_shape)
             if need_up:
-                gu = gu_full.sum_to_size(up_shape) if gu_full.shape != up_shape else gu_full
+                gu = g_up if g_up.shape == up_shape else g_up.sum_to_size(up_shape)
         return gx, gl, gu, None, None, None, None
 
 
@@ -465,7 +482,7 @@ def _asym_fake_quant(
         )
     bounds_grad = lower.requires_grad or upper.requires_grad
     if not torch.is_grad_enabled() or not (x.requires_grad or bounds_grad):
-        return _asym_fq_forward(x, lower, upper, bits, clip, clamp_codes, guard)[0]
+        return _asym_fq_forward(x, lower, upper, bits, clip, clamp_codes, guard)
     if guard and bounds_grad:
         # The guard's torch.where would need its own gradient rule; not a training path.
         return _asym_fake_quant_reference(
@@ -508,9 +525,10 @@ def asym_fake_quant(
 
     Implementation: a custom autograd Function (:class:`_AsymFakeQuant`) whose forward is bit
     for bit the formula above and whose backward gives the gradients autograd derives from it
-    (the ``x`` gradient bit for bit, the bound gradients up to summation order) in three passes
-    instead of about thirty; without autograd (eval, ``no_grad``) only the forward runs, in
-    place. Inputs where ``x`` is broadcast by the bounds or dtypes differ use the plain graph.
+    (the ``x`` gradient bit for bit, the bound gradients up to summation order): about 18
+    full-tensor passes per training step instead of about 45 for the plain autograd graph.
+    Without autograd (eval, ``no_grad``) only the forward runs, in place (8 passes, nothing
+    saved). Inputs where ``x`` is broadcast by the bounds or dtypes differ use the plain graph.
 
     Args:
         x: ``[N, C, H, W]`` (any shape the bounds broadcast against), float32 or float64.
@@ -634,8 +652,9 @@ def ddtb_weight_quant(
             f"ddtb_weight_quant: unknown mode {mode!r}; use 'percentile' (EDSR, SRResNet) or "
             "'minmax' (RDN)."
         )
-    q, s, zp = _asym_codes(w, lower, upper, bits, clip=clip, guard=True, clamp_codes=clamp_codes)
-    return torch.where(upper == lower, w, (q + zp) / s)
+    # The bounds carry no gradient, so the fused path only prepares d out/d w (see asym_fake_quant).
+    out = _asym_fake_quant(w, lower, upper, bits, clip, clamp_codes, guard=True)
+    return torch.where(upper == lower, w, out)
 
 
 def _maxabs_sym_quant(w: Tensor, bits: int) -> Tensor:
@@ -715,6 +734,73 @@ def gate_act_quant(
 # --------------------------------------------------------------------------------------------
 
 
+def _pams_act_quant_reference(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """Plain-autograd §1.8 quantizer: the numerical reference of :func:`pams_act_quant` (and
+    its fallback for mixed dtypes or an ``x`` that the clip value broadcasts)."""
+    qmax = 2.0 ** (bits - 1) - 1.0
+    a = torch.clamp(x, -alpha, alpha)
+    return round_ste(a * qmax / alpha) * alpha / qmax
+
+
+class _PAMSActQuant(torch.autograd.Function):
+    """METHODS §1.8 quantizer: the reference's forward bits, closed-form backward.
+
+    Reference graph: ``c = clamp(x, -alpha, alpha)``, ``v = (c * q) / alpha``,
+    ``out = (round_ste(v) * alpha) / q``. The clamp is computed as ``min(max(x, -alpha), alpha)``
+    (the same values, and much faster on CPU than clamp with tensor bounds). Autograd of the
+    reference gives, with ``t = max(x, -alpha)``, ``hi = sign(t - c)``, ``lo = sign(t - x)`` and
+    ``ok = 1[-alpha < alpha]``:
+
+    - ``d/dx = ((((g / q) * alpha) / alpha) * q) * m`` with ``m = ok (1 - hi - lo)``: 1 for
+      ``-alpha <= x <= alpha`` (clamp gives ties to ``x``), else 0; computed as
+      ``(((g / q) * alpha) / alpha) * (q * m)``, the same bits (``m`` is 0 or 1);
+    - ``d/dalpha = sum(g * (round(v) - v)) / q + sum(g_c * hi) - ok * sum(g_c * lo)``: the
+      ``out`` and ``v`` terms, then the clamp's max argument (``x > alpha``, or everything
+      when ``alpha < 0``) and its min argument ``-alpha`` (``x < -alpha`` and ``alpha > 0``);
+      ``g`` stands in for ``g_c = ((g / q) * alpha / alpha) * q`` (an ulp apart).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+        need_x, need_a = ctx.needs_input_grad[:2]
+        qmax = 2.0 ** (bits - 1) - 1.0
+        neg = -alpha
+        ok = (neg < alpha).to(x.dtype)
+        rows = x.new_empty((3, *x.shape))
+        t = torch.maximum(x, neg)
+        c = torch.minimum(t, alpha, out=rows[0])
+        torch.sub(t, c, out=rows[1])
+        torch.sub(t, x, out=rows[2])
+        rows[1:].sign_()  # hi, lo
+        qm: Tensor | None = None
+        if need_x:
+            qm = torch.add(rows[1], rows[2], out=t).sub_(1).mul_(ok * -qmax)  # q * m
+        v = c.mul_(qmax).div_(alpha)
+        out = torch.round(v)
+        if need_a:
+            torch.sub(out, v, out=rows[0])  # round(v) - v
+        out.mul_(alpha).div_(qmax)
+        ctx.qmax = qmax
+        ctx.save_for_backward(alpha, ok, qm, rows if need_a else None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        alpha, ok, qm, rows = ctx.saved_tensors
+        need_x, need_a = ctx.needs_input_grad[:2]
+        qmax = ctx.qmax
+        gx = ga = None
+        if need_x:
+            # q == 1 (2 bits): dividing and multiplying by 1.0 are exact, so they are skipped.
+            y = torch.mul(g, alpha) if qmax == 1.0 else torch.div(g, qmax).mul_(alpha)
+            gx = y.div_(alpha).mul_(qm)
+        if need_a:
+            sums = _reduce_rows(rows, g, alpha.shape)
+            ga = sums[0] / qmax + sums[1] - ok * sums[2]
+        return gx, ga, None
+
+
 def pams_act_quant(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """PAMS symmetric activation quantizer with a learnable clipping value, METHODS §1.8.
 
@@ -728,6 +814,10 @@ def pams_act_quant(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     Outside the range ``out = ±alpha`` exactly so the second term vanishes there; inside it is the
     rounding error divided by ``alpha``.
 
+    Implementation: as :func:`asym_fake_quant`, a custom autograd Function
+    (:class:`_PAMSActQuant`) with the reference's forward bits, the reference's ``x`` gradient
+    bits and its ``alpha`` gradient up to summation order; an in-place forward without autograd.
+
     Args:
         x: activation, any shape, float32 or float64.
         alpha: clipping value, shape ``[1]``, ``alpha > 0``.
@@ -738,9 +828,14 @@ def pams_act_quant(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
         (at most ``2**k - 1`` levels).
     """
     _check_bits(bits, 2, "pams_act_quant")
-    qmax = 2.0 ** (bits - 1) - 1.0
-    a = torch.clamp(x, -alpha, alpha)
-    return round_ste(a * qmax / alpha) * alpha / qmax
+    if not _fused_ok(x, alpha, alpha):
+        return _pams_act_quant_reference(x, alpha, bits)
+    if not torch.is_grad_enabled() or not (x.requires_grad or alpha.requires_grad):
+        qmax = 2.0 ** (bits - 1) - 1.0
+        c = torch.maximum(x, -alpha)
+        torch.minimum(c, alpha, out=c)
+        return c.mul_(qmax).div_(alpha).round_().mul_(alpha).div_(qmax)
+    return _PAMSActQuant.apply(x, alpha, bits)
 
 
 def pams_weight_quant(w: Tensor, bits: int) -> Tensor:

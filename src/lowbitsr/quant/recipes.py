@@ -132,7 +132,7 @@ class QATRecipe(Recipe):
         if self.rc.kd_weight > 0:
             assert self.teacher is not None
             with torch.no_grad():
-                _, feat_t = self.teacher.forward_features(batch["lr"])
+                feat_t = self.teacher.features(batch["lr"])  # the teacher's tail is not needed
             kd = attention_transfer(feat, feat_t)
             loss = loss + self.rc.kd_weight * kd
             logs["kd"] = float(kd.detach())
