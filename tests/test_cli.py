@@ -28,7 +28,9 @@ def one_line_error(capsys, needle: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("cmd", ["demo", "train", "quantize", "eval", "upscale"])
+@pytest.mark.parametrize(
+    "cmd", ["demo", "train", "quantize", "eval", "upscale", "convert", "export"]
+)
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
@@ -174,3 +176,36 @@ def test_upscale_granular_dq_saves_bitmap(image_folder, tmp_path):
     assert sr.shape == pic.shape == (96, 96, 3)
     assert (sr != pic).any()  # tinted
     assert main(["upscale", str(tmp_path / "gdq").replace("gdq", "nope"), "x", "y"]) == 2
+
+
+def test_convert_export_and_onnx_upscale(image_folder, tmp_path, capsys):
+    import torch
+
+    from lowbitsr.quant import DDTBConfig, calibrate, quantize
+
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=2, n_feats=8)
+    q = quantize(fp, DDTBConfig(bits=4, dynamic_ratio=0.0))
+    calibrate(q, [torch.rand(2, 3, 16, 16) * 255])
+    save_model(q, tmp_path / "q")
+    packed, onnx_file = tmp_path / "q_packed.safetensors", tmp_path / "q.onnx"
+    assert main(["convert", str(tmp_path / "q"), str(packed)]) == 0
+    assert packed.stat().st_size < (tmp_path / "q.safetensors").stat().st_size
+    assert main(["export", str(packed), "--onnx", str(onnx_file), "--check"]) == 0
+    img = image_folder / "img2.png"
+    out_t, out_o = tmp_path / "t.png", tmp_path / "o.png"
+    assert main(["upscale", str(packed), str(img), str(out_t), "--tile", "0"]) == 0
+    assert (
+        main(["upscale", str(onnx_file), str(img), str(out_o), "--backend", "onnx", "--tile", "0"])
+        == 0
+    )
+    a = np.asarray(Image.open(out_t)).astype(int)
+    b = np.asarray(Image.open(out_o)).astype(int)
+    assert a.shape == b.shape == (96, 96, 3)
+    assert np.mean(a != b) < 0.05 and np.abs(a - b).max() <= 8
+    capsys.readouterr()
+    assert (
+        main(["upscale", str(tmp_path / "missing.onnx"), str(img), str(out_o), "--backend", "onnx"])
+        == 2
+    )
+    one_line_error(capsys, "missing.onnx")

@@ -63,7 +63,35 @@ def _load_any_model(ref: str, scale: int | None) -> tuple[Any, str]:
             f"{ref}: no such saved model or pretrained name "
             f"(pretrained: {', '.join(list_pretrained())})"
         )
+    from .deploy import is_packed_file, load_packed
+
+    if is_packed_file(ref):
+        return load_packed(ref), Path(ref).stem
     return load_model(ref), Path(ref).stem
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .deploy import format_size_report, save_packed
+
+    model, _ = _load_any_model(args.model, None)
+    print(format_size_report(save_packed(model, args.output)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import export_onnx
+
+    model, _ = _load_any_model(args.model, None)
+    report = export_onnx(
+        model,
+        args.onnx,
+        opset=args.opset,
+        check=args.check,
+        integer_convs=not args.float_convs,
+        act_container=args.act_container,
+    )
+    print(report.summary())
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -163,8 +191,16 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from .quant.bitops import fab
     from .viz import bitmap_overlay
 
-    model, _ = _load_any_model(args.model, args.scale)
-    scale = model.model_config["scale"]
+    if args.backend == "onnx":
+        from .deploy import OnnxSR
+
+        if not Path(args.model).is_file():
+            raise LowbitsrError(f"{args.model}: no such ONNX file (make one with lowbitsr export)")
+        model = OnnxSR(args.model, threads=args.threads)
+        scale = model.scale
+    else:
+        model, _ = _load_any_model(args.model, args.scale)
+        scale = model.model_config["scale"]
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -182,7 +218,11 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                 raise
             failed.append(str(exc))  # keep going: one bad file must not lose the others' work
             continue
-        if is_dynamic_bits(model):  # Granular-DQ: its own tiling, one bit-width per tile
+        if args.backend == "onnx":
+            from .deploy import upscale_image_onnx
+
+            sr = upscale_image_onnx(model, img, tile=args.tile, overlap=args.overlap)
+        elif is_dynamic_bits(model):  # Granular-DQ: its own tiling, one bit-width per tile
             sr, bit_map = _gdq_upscale(model, img, scale, args.device)
             if args.bitmap:
                 bm_path = Path(args.bitmap) if len(pairs) == 1 else out.with_suffix(".bits.png")
@@ -278,9 +318,35 @@ def build_parser() -> argparse.ArgumentParser:
         "(for a folder: <name>.bits.png beside each output)",
     )
     u.add_argument("--scale", type=int, default=None)
+    u.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: MODEL is an .onnx file from 'lowbitsr export' run by onnxruntime",
+    )
+    u.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     u.add_argument("--device", default="cpu")
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=_cmd_upscale)
+    c = sub.add_parser("convert", help="freeze a DDTB/PAMS model into a bit-packed integer file")
+    c.add_argument("model", help="saved model path or shipped name (DDTB/PAMS)")
+    c.add_argument("output", help="packed .safetensors file to write")
+    c.set_defaults(func=_cmd_convert)
+
+    x = sub.add_parser("export", help="export a model to ONNX (QCDQ for static low-bit layers)")
+    x.add_argument("model", help="saved model, packed file or shipped name")
+    x.add_argument("--onnx", required=True, help="output .onnx file")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument(
+        "--check", action="store_true", help="onnxruntime vs PyTorch parity and fused-op report"
+    )
+    x.add_argument(
+        "--float-convs",
+        action="store_true",
+        help="keep every conv in float (no int32 bias / QLinearConv): parity to float noise",
+    )
+    x.add_argument("--act-container", choices=["uint8", "int8"], default="uint8")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -1,0 +1,65 @@
+"""Deployment: integer artifacts, ONNX export and onnxruntime inference (issue #5).
+
+* :mod:`~lowbitsr.deploy.pack`: :func:`save_packed` / :func:`load_packed` — a DDTB or PAMS model
+  frozen into bit-packed k-bit weight codes in one safetensors file (bit-exact round trip).
+* :mod:`~lowbitsr.deploy.onnx_export`: :func:`export_onnx` — float models as plain ONNX,
+  static-bit DDTB/PAMS layers as QCDQ (QuantizeLinear → Clip → DequantizeLinear) with int8
+  weight initializers, gated DDTB layers as float ops; optional onnxruntime parity check.
+* :mod:`~lowbitsr.deploy.runtime`: :class:`OnnxSR` and the tiled :func:`upscale_image_onnx`.
+
+The ONNX parts import ``onnx``/``onnxruntime`` lazily (``pip install lowbitsr[deploy]``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .pack import (
+    PackedConv2d,
+    PackError,
+    WeightCodes,
+    convert,
+    format_size_report,
+    is_packed_file,
+    load_packed,
+    save_packed,
+    size_report,
+    weight_codes,
+)
+
+if TYPE_CHECKING:
+    from .onnx_export import ExportReport, export_onnx
+    from .runtime import OnnxSR, upscale_image_onnx
+
+__all__ = [
+    "ExportReport",
+    "OnnxSR",
+    "PackError",
+    "PackedConv2d",
+    "WeightCodes",
+    "convert",
+    "export_onnx",
+    "format_size_report",
+    "is_packed_file",
+    "load_packed",
+    "save_packed",
+    "size_report",
+    "upscale_image_onnx",
+    "weight_codes",
+]
+
+_LAZY = {
+    "ExportReport": "onnx_export",
+    "export_onnx": "onnx_export",
+    "OnnxSR": "runtime",
+    "upscale_image_onnx": "runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # onnx/onnxruntime are optional: import the modules that need them on first use only.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
