@@ -7,12 +7,11 @@ warm-up:
 
 - ``fp_step``: float model, forward + L1 + backward + Adam step;
 - ``ddtb_step``: DDTB student alone, the same;
-- ``ddtb_recipe_step``: the full DDTB QAT step as :class:`lowbitsr.quant.recipes.QATRecipe` runs it:
-  student ``forward_features`` + float teacher ``forward_features`` under ``no_grad`` + L1 +
-  ``1000 * attention_transfer`` + backward + Adam step;
-- ``ddtb_recipe_feat_step``: the same, but the teacher computes only the feature the loss uses
-  (``head`` + ``body`` + skip, not the upsampling tail, whose output the recipe discards): how
-  much the recipe would save by not running the teacher's tail;
+- ``ddtb_recipe_step``: a DDTB QAT step whose float teacher runs its whole ``forward_features``
+  (tail included) under ``no_grad`` + L1 + ``1000 * attention_transfer`` + backward + Adam;
+- ``ddtb_recipe_feat_step``: the step as :class:`lowbitsr.quant.recipes.QATRecipe` runs it: the
+  teacher computes only the feature the loss uses (``model.features``: head + body + skip, not
+  the upsampling tail);
 - ``pams_step``: PAMS student alone, forward + L1 + backward + Adam step;
 - ``*_infer``: eval-mode, ``no_grad`` inference of one ``1×3×--infer-size²`` LR image.
 
@@ -242,8 +241,8 @@ def main() -> None:
     labels = {
         "fp_step": f"FP train step ({train_shape})",
         "ddtb_step": "DDTB QAT step (student)",
-        "ddtb_recipe_step": "DDTB QAT step (recipe: + teacher, AT)",
-        "ddtb_recipe_feat_step": "  same, teacher without its tail",
+        "ddtb_recipe_step": "DDTB QAT step + full teacher forward, AT",
+        "ddtb_recipe_feat_step": "DDTB QAT step as the recipe runs it (teacher features, AT)",
         "pams_step": "PAMS QAT step (student)",
         "fp_infer": f"FP inference (1×3×{args.infer_size}²)",
         "ddtb_infer": "DDTB inference",
