@@ -209,3 +209,13 @@ def test_convert_export_and_onnx_upscale(image_folder, tmp_path, capsys):
         == 2
     )
     one_line_error(capsys, "missing.onnx")
+
+
+def test_entropy_table_command(image_folder, tmp_path, capsys):
+    out = tmp_path / "table.json"
+    args = ["entropy-table", "--dataset", f"folder:{image_folder}", "--scale", "2"]
+    assert main([*args, "--patch", "8", "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    assert 0 < printed["H_t1"] <= printed["H_t2"] < 3.47  # entropy of 32 bins <= ln 32
+    assert saved["H_t1"] == printed["H_t1"] and saved["n_patches"] == 4 * 9

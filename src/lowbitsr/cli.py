@@ -70,6 +70,30 @@ def _load_any_model(ref: str, scale: int | None) -> tuple[Any, str]:
     return load_model(ref), Path(ref).stem
 
 
+def _cmd_entropy_table(args: argparse.Namespace) -> int:
+    from .data import build_dataset
+    from .quant.granular_dq import compute_entropy_table, save_entropy_table
+
+    ds = build_dataset(parse_dataset_spec(args.dataset), args.scale, "eval")
+    table = compute_entropy_table(ds, patch=args.patch, t1=args.t1, t2=args.t2)
+    save_entropy_table(table, args.output)
+    h1, h2 = table.thresholds
+    print(
+        json.dumps(
+            {
+                "output": args.output,
+                "dataset": args.dataset,
+                "patch": args.patch,
+                "t1": args.t1,
+                "t2": args.t2,
+                "H_t1": h1,
+                "H_t2": h2,
+            }
+        )
+    )
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .deploy import format_size_report, save_packed
 
@@ -328,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu")
     u.add_argument("--quiet", action="store_true")
     u.set_defaults(func=_cmd_upscale)
+    h = sub.add_parser(
+        "entropy-table",
+        help="Granular-DQ E2B: entropy quantile thresholds of a training set's LR patches",
+    )
+    h.add_argument("--dataset", default="bundled:train", help=DATASET_HELP)
+    h.add_argument("--scale", type=int, default=4)
+    h.add_argument("--patch", type=int, default=48, help="LR patch side (the training crop)")
+    h.add_argument("--t1", type=float, default=0.5, help="quantile of the 4/5-bit threshold")
+    h.add_argument("--t2", type=float, default=0.9, help="quantile of the 5/8-bit threshold")
+    h.add_argument("--output", default="entropy_table.json")
+    h.set_defaults(func=_cmd_entropy_table)
+
     c = sub.add_parser("convert", help="freeze a DDTB/PAMS model into a bit-packed integer file")
     c.add_argument("model", help="saved model path or shipped name (DDTB/PAMS)")
     c.add_argument("output", help="packed .safetensors file to write")
