@@ -68,6 +68,7 @@ def main() -> None:
     for d in runs:
         header = json.loads((d / "model.json").read_text())
         method, bits = _label(header)
+        torch.manual_seed(0)  # the random-gate control draws its bits: same draw every run
         res = evaluate(load_model(d), ds, args.scale, model_name=d.name, progress=False)
         rows.append(
             {
