@@ -12,10 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .data import BundledDataset, write_image
-from .evaluate import Bicubic, evaluate, format_table, upscale_image
+from .data import BundledDataset
+from .evaluate import Bicubic, evaluate, format_table
 from .pretrained import list_pretrained, load_pretrained, pretrained_info
 
 __all__ = ["demo_rows", "run_demo"]
@@ -59,6 +57,7 @@ def demo_rows(
         candidates += [(n, _bits_label(n), load_pretrained(n)) for n in names]
         for name, bits, model in candidates:
             model = model.to(device)
+            tag = name if name != "bicubic" else f"bicubic_x{scale}"
             res = evaluate(
                 model,
                 ds,
@@ -67,6 +66,7 @@ def demo_rows(
                 dataset_name="bundled:test",
                 device=device,
                 progress=progress,
+                save_dir=None if out_dir is None else Path(out_dir) / tag,
             )
             rows.append(
                 {
@@ -80,11 +80,7 @@ def demo_rows(
                 }
             )
             if out_dir is not None:
-                res.save_json(Path(out_dir) / f"{name}.json")
-                first = ds[0]
-                lr8 = first["lr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-                sr = upscale_image(model, lr8, scale, device=device)
-                write_image(Path(out_dir) / f"{first['name']}_{name}.png", sr)
+                res.save_json(Path(out_dir) / f"{tag}.json")
     return rows
 
 
@@ -107,5 +103,5 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_table.md").write_text(table + "\n")
     (out / "demo.json").write_text(json.dumps(rows, indent=2))
-    print(f"SR images and per-image JSON written to {out}/")
+    print(f"SR images (one folder per model) and per-image JSON written to {out}/")
     return rows
