@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ..checkpoint import atomic_write
 from ..errors import CheckpointError, ConfigError
 from ..quant.functional import asym_quant_params, asym_quantize_codes, percentile_bounds
-from ..quant.layers import DDTBActQuant, QuantConv2d
+from ..quant.layers import DDTBActQuant, QuantConv2d, conv_geometry
 
 __all__ = [
     "PACKED_FORMAT",
@@ -291,17 +291,7 @@ class PackedConv2d(QuantConv2d):
     def from_quant(cls, conv: QuantConv2d, codes: WeightCodes) -> PackedConv2d:
         """Wrap ``conv`` (sharing its weight and bias parameters) with its integer codes."""
         new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
+            **conv_geometry(conv),
             w_bits=conv.w_bits,
             w_mode=conv.w_mode,
             clamp_codes=conv.clamp_codes,

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import lsq_fake_quant, lsq_init_alpha, quantsr_round
+from .layers import conv_geometry
 
 __all__ = [
     "BitContext",
@@ -331,20 +332,10 @@ class GDQConv2d(nn.Conv2d):
     ) -> GDQConv2d:
         """A quantized copy of ``conv`` (weights copied; ``w_alpha`` initialised from them)."""
         q = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
+            **conv_geometry(conv, device=conv.weight.device),
             ctx=ctx,
             w_bits=w_bits,
             official=official,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
         )
         with torch.no_grad():
             q.weight.copy_(conv.weight)

@@ -49,6 +49,7 @@ from .functional import (
 )
 
 __all__ = [
+    "conv_geometry",
     "DDTBActQuant",
     "DynamicGate",
     "PAMSActQuant",
@@ -84,6 +85,24 @@ def _drop_transient(state: dict[str, Any], *names: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- weight quant
+def conv_geometry(conv: nn.Conv2d, device: torch.device | str = "meta") -> dict[str, Any]:
+    """Constructor keywords that rebuild ``conv``'s shape (by default on the meta device, so no
+    throw-away weight is allocated before the caller installs the real parameters)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+        "device": device,
+        "dtype": conv.weight.dtype,
+    }
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` with a per-tensor fake-quantized weight (bias stays full precision).
 
@@ -168,17 +187,7 @@ class QuantConv2d(nn.Conv2d):
             raise TypeError(f"QuantConv2d.from_float expects an nn.Conv2d, got {type(conv)}")
         # Built on the meta device so no throw-away weight is allocated before the swap.
         q = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
+            **conv_geometry(conv),
             w_bits=w_bits,
             w_mode=w_mode,
             clamp_codes=clamp_codes,
@@ -191,17 +200,7 @@ class QuantConv2d(nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` sharing this module's weight and bias parameters."""
         conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,  # type: ignore[arg-type]
-            self.stride,  # type: ignore[arg-type]
-            self.padding,  # type: ignore[arg-type]
-            self.dilation,  # type: ignore[arg-type]
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
+            **conv_geometry(self),
         )
         conv.weight = self.weight
         conv.bias = self.bias
