@@ -49,7 +49,6 @@ from .functional import (
 )
 
 __all__ = [
-    "conv_geometry",
     "DDTBActQuant",
     "DynamicGate",
     "PAMSActQuant",
@@ -62,6 +61,7 @@ __all__ = [
     "QuantSpec",
     "UnsupportedModelError",
     "architecture_of",
+    "conv_geometry",
     "swap_blocks",
 ]
 
