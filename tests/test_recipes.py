@@ -122,3 +122,18 @@ def test_qat_resume_equals_uninterrupted(image_folder, tmp_path, fp_init):
     assert set(keys) == {k for k in b if k.startswith("model.")}
     for k in keys:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_model_init_accepts_a_run_folder(tmp_path):
+    from lowbitsr.train import build_model
+
+    torch.manual_seed(0)
+    model = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=8)
+    save_model(model, tmp_path / "run")  # a run folder holds model.safetensors + model.json
+    overrides = "model.overrides={n_resblocks: 1, n_feats: 8}"
+    cfg = load_config(
+        None, ["model.name=edsr_tiny", "model.scale=2", overrides, f"model.init={tmp_path / 'run'}"]
+    )
+    built = build_model(cfg)
+    for a, b in zip(model.state_dict().values(), built.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -83,7 +83,11 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
         return model.train()
     model = create_model(m.name, scale=m.scale, **m.overrides)
     if init:
-        load_weights(model, init)
+        from .checkpoint import model_paths
+
+        # a run folder (or saved-model stem) means its model.safetensors
+        weights = model_paths(init)[0] if Path(init).is_dir() else init
+        load_weights(model, weights)
     return model
 
 
