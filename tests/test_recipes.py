@@ -129,6 +129,7 @@ def test_model_init_accepts_a_run_folder(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=8)
+    (tmp_path / "run").mkdir()
     save_model(model, tmp_path / "run")  # a run folder holds model.safetensors + model.json
     overrides = "model.overrides={n_resblocks: 1, n_feats: 8}"
     cfg = load_config(
