@@ -203,6 +203,8 @@ def train(
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # a temp file of a write that a kill interrupted
+        stale.unlink()
     save_config(cfg, run_dir / "config.yaml")
     tc = cfg.train
     scale = cfg.model.scale
