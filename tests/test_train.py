@@ -101,3 +101,73 @@ def test_nonfinite_loss_stops_with_message(image_folder, tmp_path):
     cfg = tiny_cfg(image_folder, tmp_path, name="nan", iters=20)
     with pytest.raises(LowbitsrError, match="not finite in 3 steps"):
         train(cfg, progress=False, recipe=Exploding(cfg), max_nonfinite=3)
+
+
+def test_nonfinite_limit_comes_from_config(image_folder, tmp_path):
+    class Exploding(FloatRecipe):
+        def loss(self, model, batch, step):
+            loss, logs = super().loss(model, batch, step)
+            return (loss * float("inf")) if step >= 2 else loss, logs
+
+    cfg = tiny_cfg(image_folder, tmp_path, name="nan2", iters=20, **{"train.max_nonfinite": "4"})
+    with pytest.raises(LowbitsrError, match="not finite in 4 steps"):
+        train(cfg, progress=False, recipe=Exploding(cfg))
+    # the checkpoint written before the failures is intact and resumable
+    ckpt = tmp_path / "nan2" / "checkpoint.safetensors"
+    assert load_file(str(ckpt))  # readable
+    log = (tmp_path / "nan2" / "log.jsonl").read_text()
+    assert log.count("nonfinite_loss") == 4
+
+
+def test_bf16_autocast_trains_float32_weights(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, tmp_path, name="bf16", iters=3, **{"train.amp": "bf16"})
+    res = train(cfg, progress=False)
+    params = dict(res.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert all(torch.isfinite(p).all() for p in params.values())
+    saved = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values() if v.is_floating_point())
+
+
+def test_unknown_amp_mode_is_a_clear_error(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, tmp_path, name="amp", iters=1, **{"train.amp": "fp8"})
+    with pytest.raises(LowbitsrError, match=r"train\.amp must be 'none' or 'bf16'"):
+        train(cfg, progress=False)
+
+
+def test_tensorboard_scalars(image_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(
+        image_folder,
+        tmp_path,
+        name="tb",
+        iters=4,
+        **{
+            "train.tensorboard": "true",
+            "train.log_every": "1",
+            "train.val_every": "2",
+            "quant": "{method: ddtb, bits: 2, dynamic_ratio: 0.5, recipe: {gate_stage_iters: 2}}",
+            "model.init": str(_float_init(image_folder, tmp_path)),
+        },
+    )
+    train(cfg, progress=False)
+    ea = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("train/l1", "train/kd", "train/gate_reg", "train/lr", "val/psnr", "val/fab"):
+        assert tag in tags, tag
+    bounds = sorted(t for t in tags if t.startswith("quant/bounds/"))
+    gates = sorted(t for t in tags if t.startswith("quant/gate/"))
+    assert bounds and gates
+    assert [e.step for e in ea.Scalars("train/l1")] == [1, 2, 3, 4]
+    lower = ea.Scalars(bounds[0])[-1].value
+    assert lower == pytest.approx(lower)  # finite
+    assert ea.Scalars("val/fab")[-1].value == 2.0
+
+
+def _float_init(folder: Path, out: Path) -> Path:
+    cfg = tiny_cfg(folder, out, name="fp_init", iters=2, **{"data.val": "null"})
+    train(cfg, progress=False)
+    return out / "fp_init"

@@ -94,6 +94,14 @@ class TrainConfig:
         num_workers: DataLoader worker processes (0 = load in the main process).
         val_tile: tile size (LR pixels) used for validation inference (0 = whole image).
         grad_clip: clip the gradient norm to this value (0 = off).
+        max_nonfinite: a step whose loss is NaN/inf is skipped; after this many such steps
+            the run stops with a message (the last good checkpoint is kept).
+        amp: ``"none"`` (float32) or ``"bf16"``: the forward and loss run under
+            ``torch.autocast(dtype=bfloat16)`` (meant for GPUs; weights, optimizer state,
+            quantizer bounds and checkpoints stay float32).
+        tensorboard: also write TensorBoard scalars to ``<run_dir>/tensorboard`` (losses,
+            learning rate, validation PSNR/SSIM, quantizer bounds, gate outputs, FAB); needs
+            ``pip install "lowbitsr[tensorboard]"``.
     """
 
     iterations: int = 1000
@@ -109,6 +117,9 @@ class TrainConfig:
     num_workers: int = 0
     val_tile: int = 0
     grad_clip: float = 0.0
+    max_nonfinite: int = 10
+    amp: str = "none"
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)

@@ -261,8 +261,13 @@ def evaluate(
     rgb_range: float = 255.0,
     progress: bool = True,
     save_dir: str | Path | None = None,
+    sharded: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` on every image of ``dataset`` (eval mode: whole images).
+
+    In a ``torch.distributed`` job (and ``sharded``), rank ``r`` of ``N`` evaluates images
+    ``r, r+N, ...`` and the rows are gathered in dataset order on every rank, so the result equals
+    a single process's. Every rank must call it then.
 
     Args:
         model: SR model taking (1, 3, h, w) in [0, rgb_range].
@@ -276,13 +281,15 @@ def evaluate(
         Granular-DQ models run tile by tile at their own tile size and step (METHODS §2.4).
     """
     from .data import write_image
+    from .distributed import all_gather_objects, shard
     from .quant.bitops import fab
 
     crop = scale if crop_border is None else crop_border
     was_training = model.training
     model.eval()
-    rows: list[ImageResult] = []
-    it = tqdm(range(len(dataset)), desc=f"eval {model_name}", disable=not progress, leave=False)
+    rows: list[tuple[int, ImageResult]] = []
+    indices = shard(range(len(dataset))) if sharded else list(range(len(dataset)))
+    it = tqdm(indices, desc=f"eval {model_name}", disable=not progress, leave=False)
     for i in it:
         item = dataset[i]
         lr = item["lr"][None].to(device) * (rgb_range / 255.0)
@@ -297,19 +304,21 @@ def evaluate(
             image_fab = static_bits(model)
         sr8 = _to_uint8(sr, rgb_range)
         hr8 = item["hr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        rows.append(
-            ImageResult(
-                item["name"],
-                psnr(sr8, hr8, crop_border=crop),
-                ssim(sr8, hr8, crop_border=crop),
-                {"fab": float(image_fab)},
-            )
+        row = ImageResult(
+            item["name"],
+            psnr(sr8, hr8, crop_border=crop),
+            ssim(sr8, hr8, crop_border=crop),
+            {"fab": float(image_fab)},
         )
+        rows.append((i, row))
         if save_dir is not None:
             write_image(Path(save_dir) / f"{item['name']}.png", sr8)
     model.train(was_training)
-    result = EvalResult(model_name, dataset_name, scale, rows)
-    if rows and not isinstance(model, Bicubic):
+    if sharded:
+        rows = [r for part in all_gather_objects(rows) for r in part]
+    ordered = [r for _, r in sorted(rows, key=lambda ir: ir[0])]
+    result = EvalResult(model_name, dataset_name, scale, ordered)
+    if ordered and not isinstance(model, Bicubic):
         result.info.update(model_cost(model, result.extra_mean("fab")))
     return result
 

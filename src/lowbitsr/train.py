@@ -16,6 +16,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -98,6 +99,10 @@ class Recipe:
     hooks; the loop itself (data, optimizer, checkpoints, validation, logging) is shared.
     """
 
+    #: whether some parameters may go unused in a training step (DistributedDataParallel must
+    #: then search the graph every step), e.g. Granular-DQ's quantizers of the bits not drawn
+    ddp_find_unused_parameters: bool = False
+
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
 
@@ -150,12 +155,13 @@ class FloatRecipe(Recipe):
 
 @dataclass
 class TrainResult:
-    """Where a run's outputs are and how it ended."""
+    """Where a run's outputs are and how it ended (``model``: the trained module in memory)."""
 
     run_dir: Path
     step: int
     best_psnr: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None
 
 
 def _recipe_for(cfg: ExperimentConfig) -> Recipe:
@@ -171,6 +177,43 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class _Scalars:
+    """TensorBoard scalar writer of rank 0 (no-op when off or on other ranks)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LowbitsrError(
+                "train.tensorboard is on but TensorBoard is not installed; "
+                'pip install "lowbitsr[tensorboard]" or set train.tensorboard=false'
+            ) from None
+        # purge_step drops events a killed run wrote after its last checkpoint
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
+
+    def add(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None and math.isfinite(float(v)):
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _autocast(amp: str, device: torch.device) -> Any:
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise LowbitsrError(f"train.amp must be 'none' or 'bf16', got {amp!r}")
+
+
 def train(
     cfg: ExperimentConfig,
     *,
@@ -179,34 +222,60 @@ def train(
     progress: bool = True,
     recipe: Recipe | None = None,
     stop_after: int | None = None,
-    max_nonfinite: int = 10,
+    max_nonfinite: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train (or fine-tune / QAT) the model described by ``cfg``.
 
+    In a ``torch.distributed`` job (``torchrun``; see :mod:`lowbitsr.distributed`) every rank
+    calls this: the model runs under DistributedDataParallel, ``train.batch_size`` is the global
+    batch split over the ranks, calibration happens on rank 0 and is broadcast, validation is
+    sharded, and only rank 0 writes files.
+
     Args:
         cfg: the experiment; ``cfg.quant`` selects a quantization recipe, None = float training.
         resume: continue from ``<run_dir>/checkpoint.safetensors`` if it exists.
-        device: torch device for model and batches.
-        progress: show a tqdm progress bar (rate, ETA, loss).
+        device: torch device for model and batches (``cuda`` means ``cuda:LOCAL_RANK`` under
+            torchrun).
+        progress: show a tqdm progress bar (rate, ETA, loss) on rank 0.
         recipe: override the recipe chosen from ``cfg`` (for tests and custom methods).
         stop_after: stop (with a checkpoint) after this many steps of *this* call — used to
             test resumption; the run can be continued with ``resume=True``.
-        max_nonfinite: a non-finite loss skips the step; after this many such steps the run
-            stops with :class:`LowbitsrError` (the last good checkpoint is kept).
+        max_nonfinite: overrides ``train.max_nonfinite``: a non-finite loss (on any rank) skips
+            the step on every rank; after this many such steps the run stops with
+            :class:`LowbitsrError` (the last good checkpoint is kept).
     Returns:
         :class:`TrainResult`.
     """
     from .data import build_dataset
+    from .distributed import (
+        DDPModel,
+        DistributedStepSampler,
+        any_true,
+        assert_same_state,
+        barrier,
+        broadcast_object,
+        broadcast_state,
+        context,
+        convert_sync_batchnorm,
+        mean_across_ranks,
+        resolve_device,
+    )
     from .evaluate import evaluate
 
+    ctx = context()
+    main = ctx.is_main
+    device = resolve_device(device, ctx)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".*.tmp"):  # a temp file of a write that a kill interrupted
-        stale.unlink()
-    save_config(cfg, run_dir / "config.yaml")
     tc = cfg.train
+    limit = tc.max_nonfinite if max_nonfinite is None else max_nonfinite
+    _autocast(tc.amp, device)  # validate the option before any work
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # a temp file of a write that a kill interrupted
+            stale.unlink()
+        save_config(cfg, run_dir / "config.yaml")
     scale = cfg.model.scale
     recipe = recipe or _recipe_for(cfg)
 
@@ -217,23 +286,36 @@ def train(
     start = 0
     resuming = resume and ckpt.is_file()
 
-    def make_loader(start_step: int) -> Iterator[dict[str, Any]]:
-        sampler = ResumableSampler(len(train_set), cfg.seed, start_step * tc.batch_size)
+    def make_loader(start_step: int, sharded: bool = True) -> Iterator[dict[str, Any]]:
+        stream = ResumableSampler(len(train_set), cfg.seed, start_step * tc.batch_size)
+        rank, world = (ctx.rank, ctx.world_size) if sharded else (0, 1)
         loader = DataLoader(
             train_set,
-            batch_size=tc.batch_size,
-            sampler=sampler,
+            batch_sampler=DistributedStepSampler(stream, tc.batch_size, rank, world),
             num_workers=tc.num_workers,
-            drop_last=True,
             persistent_workers=tc.num_workers > 0,
         )
         return iter(loader)
 
     model = build_model(cfg).to(device)
     resume_state = peek_training_state(ckpt)["extra"].get("recipe", {}) if resuming else None
-    # calibration batches come from their own stream so they never shift the training data
-    model = recipe.prepare(model, make_loader(10_000_000), resume_state)
+    # calibration batches come from their own (unsharded) stream so they never shift the
+    # training data; in a distributed job only rank 0 calibrates and the others copy its result
+    calib = make_loader(10_000_000, sharded=False)
+    if ctx.enabled and resume_state is None:
+        if main:
+            model = recipe.prepare(model, calib, None)
+        state = broadcast_object(recipe.state() if main else None)
+        if not main:
+            model = recipe.prepare(model, calib, state)
+    else:
+        model = recipe.prepare(model, calib, resume_state)
     model = model.to(device).train()
+    if ctx.enabled:
+        broadcast_state(model)
+        assert_same_state(model, f"{cfg.name}: model after calibration")
+        if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            model = convert_sync_batchnorm(model, device)
     groups = recipe.param_groups(model)
     opt = torch.optim.Adam(groups, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     sched = (
@@ -247,20 +329,28 @@ def train(
         st = load_training_state(ckpt, model=model, optimizer=opt, scheduler=sched)
         start = st["step"]
         best = st["extra"].get("best_psnr", -math.inf)
-    elif ckpt.exists():
+    elif main and ckpt.exists():
         ckpt.unlink()  # a fresh run must not later resume a stale state
-    if start == 0 and (run_dir / "log.jsonl").exists():
+    if main and start == 0 and (run_dir / "log.jsonl").exists():
         (run_dir / "log.jsonl").unlink()
+    if ctx.enabled and ctx.rank > 0:
+        # ranks draw their own random numbers (e.g. Gumbel noise) from rank-specific streams
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank + start)
+    stepper: Any = model
+    if ctx.enabled:
+        stepper = DDPModel(model, device, recipe.ddp_find_unused_parameters)
+    tb = _Scalars(run_dir, tc.tensorboard and main, start)
 
     def checkpoint(step: int) -> None:
-        save_training_state(
-            ckpt,
-            model=model,
-            optimizer=opt,
-            scheduler=sched,
-            step=step,
-            extra={"best_psnr": best, "recipe": recipe.state()},
-        )
+        if main:
+            save_training_state(
+                ckpt,
+                model=model,
+                optimizer=opt,
+                scheduler=sched,
+                step=step,
+                extra={"best_psnr": best, "recipe": recipe.state()},
+            )
 
     def validate(step: int) -> float | None:
         nonlocal best
@@ -269,15 +359,28 @@ def train(
         res = evaluate(model, val_set, scale, tile=tc.val_tile, device=device, progress=False)
         rec = {"step": step, "val_psnr": res.psnr, "val_ssim": res.ssim}
         history.append(rec)
-        _log(run_dir, rec)
+        tb.add("val", {"psnr": res.psnr, "ssim": res.ssim, "fab": res.fab}, step)
+        if main:
+            _log(run_dir, rec)
         if res.psnr > best and recipe.selectable(step):
             best = res.psnr
-            save_model(model, run_dir / "best", quant=recipe.quant_dict(), meta=rec)
+            if main:
+                save_model(model, run_dir / "best", quant=recipe.quant_dict(), meta=rec)
         return res.psnr
+
+    def finish(step: int) -> TrainResult:
+        bar.close()
+        tb.close()
+        barrier()
+        return TrainResult(run_dir, step, best if best > -math.inf else None, history, model)
 
     data = make_loader(start)
     bar = tqdm(
-        total=tc.iterations, initial=start, desc=cfg.name, disable=not progress, dynamic_ncols=True
+        total=tc.iterations,
+        initial=start,
+        desc=cfg.name,
+        disable=not (progress and main),
+        dynamic_ncols=True,
     )
     nonfinite = 0
     step = start
@@ -285,13 +388,16 @@ def train(
     last_val: float | None = None
     while step < tc.iterations:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(data).items()}
-        loss, logs = recipe.loss(model, batch, step)
+        with _autocast(tc.amp, device):
+            loss, logs = recipe.loss(stepper, batch, step)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if any_true(not bool(torch.isfinite(loss)), device):
             nonfinite += 1
-            _log(run_dir, {"step": step, "event": "nonfinite_loss", "count": nonfinite})
-            if nonfinite >= max_nonfinite:
+            if main:
+                _log(run_dir, {"step": step, "event": "nonfinite_loss", "count": nonfinite})
+            if nonfinite >= limit:
                 bar.close()
+                tb.close()
                 raise LowbitsrError(
                     f"{cfg.name}: loss was not finite in {nonfinite} steps (last at step {step}); "
                     f"stopped. The last good checkpoint is {ckpt}; "
@@ -308,11 +414,19 @@ def train(
         step += 1
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.iterations:
+            logs = mean_across_ranks(logs, device)
             post = {k: f"{v:.3g}" for k, v in logs.items()}
             if last_val is not None:
                 post["val"] = f"{last_val:.2f}"
             bar.set_postfix(post)
-            _log(run_dir, {"step": step, **logs, "lr": opt.param_groups[0]["lr"]})
+            lr_now = opt.param_groups[0]["lr"]
+            if main:
+                _log(run_dir, {"step": step, **logs, "lr": lr_now})
+            tb.add("train", {**logs, "lr": lr_now}, step)
+            if tb.writer is not None:
+                from .quant.apply import quant_scalars
+
+                tb.add("quant", quant_scalars(model), step)
         if on_step is not None:
             on_step(step)
         if tc.val_every > 0 and step % tc.val_every == 0 and step < tc.iterations:
@@ -321,22 +435,22 @@ def train(
             checkpoint(step)
         if stop_after is not None and step - start >= stop_after:
             checkpoint(step)
-            bar.close()
-            return TrainResult(run_dir, step, best if best > -math.inf else None, history)
-    bar.close()
+            return finish(step)
     validate(step)
-    meta = {
-        "step": step,
-        "seconds": round(time.time() - t0, 1),
-        "config": config_to_dict(cfg),
-        "best_val_psnr": best if best > -math.inf else None,
-    }
-    # the shipped/final model is the validation-selected one when a validation split exists
-    if val_set is not None and (run_dir / "best.safetensors").exists():
-        from .checkpoint import load_model
+    if main:
+        meta = {
+            "step": step,
+            "seconds": round(time.time() - t0, 1),
+            "config": config_to_dict(cfg),
+            "best_val_psnr": best if best > -math.inf else None,
+            "processes": ctx.world_size,
+        }
+        # the shipped/final model is the validation-selected one when a validation split exists
+        if val_set is not None and (run_dir / "best.safetensors").exists():
+            from .checkpoint import load_model
 
-        best_model = load_model(run_dir / "best")
-        save_model(best_model, run_dir / "model", quant=recipe.quant_dict(), meta=meta)
-    else:
-        save_model(model, run_dir / "model", quant=recipe.quant_dict(), meta=meta)
-    return TrainResult(run_dir, step, best if best > -math.inf else None, history)
+            best_model = load_model(run_dir / "best")
+            save_model(best_model, run_dir / "model", quant=recipe.quant_dict(), meta=meta)
+        else:
+            save_model(model, run_dir / "model", quant=recipe.quant_dict(), meta=meta)
+    return finish(step)

@@ -52,6 +52,7 @@ __all__ = [
     "gate_parameters",
     "gate_regularizer",
     "is_quantized",
+    "quant_scalars",
     "quantize",
     "quantized_convs",
     "quantizers",
@@ -277,3 +278,33 @@ def gate_regularizer(model: nn.Module) -> Tensor:
         ref = next(model.parameters(), None)
         return torch.zeros((), device=ref.device if ref is not None else None)
     return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def quant_scalars(model: nn.Module) -> dict[str, float]:
+    """Scalars that show a quantized model's state, for TensorBoard (empty for float models).
+
+    - DDTB: ``bounds/<layer>/lower`` and ``.../upper``; for each gate that ran in the last
+      forward, ``gate/<layer>/upper_mult`` and ``.../lower_mult`` = batch mean of
+      ``2·sigmoid(c)`` (1 = the static bounds).
+    - PAMS: ``alpha/<layer>``.
+    - Granular-DQ: ``fab`` of the last forward and ``bits_frac/<b>`` (share of patches at ``b``).
+    """
+    out: dict[str, float] = {}
+    for name, q in quantizers(model):
+        if isinstance(q, DDTBActQuant):
+            out[f"bounds/{name}/lower"] = float(q.lower.detach().float()[0])
+            out[f"bounds/{name}/upper"] = float(q.upper.detach().float()[0])
+            if q.last_logits is not None:
+                mult = (2 * torch.sigmoid(q.last_logits.detach().float())).mean(0).flatten()
+                out[f"gate/{name}/upper_mult"] = float(mult[0])
+                out[f"gate/{name}/lower_mult"] = float(mult[1])
+        elif isinstance(q, PAMSActQuant):
+            out[f"alpha/{name}"] = float(q.alpha.detach().float()[0])
+    bits = getattr(model, "last_bits", None)
+    if isinstance(bits, Tensor) and bits.numel():
+        b = bits.detach().float().flatten()
+        out["fab"] = float(b.mean())
+        for v in sorted({int(x) for x in b.tolist()}):
+            out[f"bits_frac/{v}"] = float((b == v).float().mean())
+    return out

@@ -967,6 +967,8 @@ class GranularDQRecipe(Recipe):
       identically.
     """
 
+    ddp_find_unused_parameters = True  # only the drawn bit-widths' quantizers run in a step
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.qcfg = GranularDQConfig.from_dict(cfg.quant or {})
@@ -1009,7 +1011,7 @@ class GranularDQRecipe(Recipe):
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], step: int
     ) -> tuple[Tensor, dict[str, float]]:
-        if isinstance(model, GranularDQModel):
+        if hasattr(model, "set_atc"):  # the model itself or its distributed wrapper
             model.set_atc(step < self.atc_iterations)
         sr = model(batch["lr"])
         loss = F.l1_loss(sr, batch["hr"])
