@@ -48,6 +48,14 @@ SCENARIOS: dict[str, list[str]] = {
         "quant={method: ddtb, bits: 2, recipe: {gate_stage_iters: 1}}",
         "data.train={type: bundled, split: train, lr_patch: 16}",
     ],
+    # Granular-DQ: entropy table + LSQ init on rank 0, broadcast; per-rank Gumbel noise
+    "gdq": [
+        "model.name=edsr_tiny",
+        "model.scale=4",
+        "model.init=pretrained:edsr_tiny_x4_fp",
+        "quant={method: granular_dq}",
+        "data.train={type: bundled, split: train, lr_patch: 16}",
+    ],
     # a NaN loss on the last rank only must stop every rank (no hang)
     "nan": ["model.name=edsr_tiny", "model.scale=2", "train.max_nonfinite=2"],
 }
@@ -74,7 +82,11 @@ def run_scenario(name: str, out: Path) -> dict[str, Any]:
     ctx = context()
     where = [f"output_root={out / 'runs'}", f"name={name}_w{ctx.world_size}"]
     cfg = load_config(None, [*COMMON, *SCENARIOS[name], *where])
-    if cfg.quant:
+    if cfg.quant and cfg.quant["method"] == "granular_dq":
+        from lowbitsr.quant.granular_dq import GranularDQRecipe
+
+        recipe = _capture(GranularDQRecipe)(cfg)
+    elif cfg.quant:
         from lowbitsr.quant.recipes import QATRecipe
 
         recipe = _capture(QATRecipe)(cfg)

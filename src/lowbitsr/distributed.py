@@ -178,12 +178,19 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def broadcast_state(model: nn.Module, src: int = 0) -> None:
-    """Overwrite every parameter and buffer (persistent or not) with rank ``src``'s values."""
-    if not context().enabled:
+    """Overwrite every parameter and buffer (persistent or not) with rank ``src``'s values.
+
+    The receiving ranks then reload their own state dict so that modules re-derive whatever
+    they compute on loading (e.g. Granular-DQ's "entropy curve set" and "LSQ initialised" flags).
+    """
+    ctx = context()
+    if not ctx.enabled:
         return
     with torch.no_grad():
         for _, t in _state_tensors(model):
             dist.broadcast(t.data, src=src)
+    if ctx.rank != src:
+        model.load_state_dict(model.state_dict())
 
 
 def _digest(model: nn.Module) -> dict[str, str]:
