@@ -29,7 +29,7 @@ def one_line_error(capsys, needle: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "cmd", ["demo", "train", "quantize", "eval", "upscale", "convert", "export"]
+    "cmd", ["demo", "train", "quantize", "eval", "upscale", "convert", "export", "report"]
 )
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _is_main() -> bool:
+    from .distributed import context
+
+    return context().is_main
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import build_dataset
     from .evaluate import evaluate, format_table
@@ -183,7 +198,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     "GBitOPs/64x64": res.info.get("gbitops", "-"),
                 }
             )
-            if args.json_dir:
+            if args.json_dir and _is_main():
+                from .report import eval_provenance
+
+                sr_dir = (Path(args.save_images) / name) if args.save_images else None
+                res.info.update(eval_provenance(ref, model, tile=args.tile, save_dir=sr_dir))
                 safe = spec_text.replace("/", "_").replace(":", "_")
                 res.save_json(Path(args.json_dir) / f"{name}__{safe}.json")
     print(format_table(rows))
@@ -270,6 +289,35 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     for msg in failed:
         print(f"lowbitsr: skipped: {msg}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportError, build_report
+
+    crop_at = None
+    if args.crop:
+        x, sep, y = args.crop.partition(",")
+        if not (sep and x.strip().isdigit() and y.strip().isdigit()):
+            raise ReportError(f"--crop {args.crop!r}: write X,Y (top-left, HR pixels)")
+        crop_at = (int(x), int(y))
+    res = build_report(
+        args.inputs,
+        args.output,
+        crops=args.crops,
+        bitmaps=args.bitmaps,
+        crop_size=args.crop_size,
+        crop_at=crop_at,
+        images=args.image,
+        max_images=args.max_images,
+        dataset=args.dataset,
+        models=args.model,
+        device=args.device,
+        title=args.title,
+    )
+    print(f"report -> {res.markdown} and {res.html} ({len(res.figures)} figures)")
+    for note in res.notes:
+        print(f"note: {note}".replace("`", ""), file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +431,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--act-container", choices=["uint8", "int8"], default="uint8")
     x.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser(
+        "report",
+        help="Markdown/HTML report (tables, plots, crops, Granular-DQ bit maps) from eval JSON",
+    )
+    r.add_argument("inputs", nargs="+", help="eval JSON files or folders (eval --json-dir)")
+    r.add_argument("--output", "-o", required=True, help="report folder (report.md, report.html)")
+    r.add_argument(
+        "--crops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="side-by-side crops of HR, bicubic, float and quantized outputs (default: on)",
+    )
+    r.add_argument(
+        "--bitmaps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Granular-DQ bit maps (default: on)",
+    )
+    r.add_argument("--crop-size", type=int, default=120, help="crop side in HR pixels")
+    r.add_argument("--crop", default=None, metavar="X,Y", help="crop top-left (default: auto)")
+    r.add_argument(
+        "--image", action="append", help="image to show (repeatable; default: most different)"
+    )
+    r.add_argument("--max-images", type=int, default=2, help="images shown when no --image")
+    r.add_argument(
+        "--dataset",
+        action="append",
+        metavar="[NAME=]SPEC",
+        help="dataset to read the images from, overriding the JSON's (e.g. data moved)",
+    )
+    r.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=SPEC",
+        help="how to load a model whose JSON records no spec (saved path or shipped name)",
+    )
+    r.add_argument("--title", default="Low-bit super-resolution report")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=_cmd_report)
     return p
 
 
@@ -390,7 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowbitsr`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+            from .distributed import init_from_env
+
+            if not init_from_env(getattr(args, "device", "cpu")).is_main:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone prints
+        status = int(args.func(args))
+        _leave_process_group()
+        return status
     except LowbitsrError as exc:
         print(f"lowbitsr: error: {exc}", file=sys.stderr)
         return 2
