@@ -107,6 +107,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx
 
     model, _ = _load_any_model(args.model, None)
+    static_gates: Any = False
+    if args.static_gates == "identity":
+        static_gates = True
+    elif args.static_gates == "mean":
+        from .data import BundledDataset
+        from .deploy.onnx_export import mean_gate_multipliers
+
+        scale = int(model.model_config["scale"])
+        ds = BundledDataset("train", scale, mode="eval")
+        static_gates = mean_gate_multipliers(model, (ds[i]["lr"][None] for i in range(len(ds))))
     report = export_onnx(
         model,
         args.onnx,
@@ -114,6 +124,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check=args.check,
         integer_convs=not args.float_convs,
         act_container=args.act_container,
+        float_conv_weights=args.float_conv_weights,
+        static_gates=static_gates,
+        pixel_shuffle=args.pixel_shuffle,
     )
     print(report.summary())
     return 0
@@ -430,6 +443,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep every conv in float (no int32 bias / QLinearConv): parity to float noise",
     )
     x.add_argument("--act-container", choices=["uint8", "int8"], default="uint8")
+    x.add_argument(
+        "--float-conv-weights",
+        choices=["float", "codes"],
+        default="float",
+        help="weights of the convs that run in float: float32 (fast NCHWc kernels, default) or "
+        "int8 codes + DequantizeLinear (smaller file, slower)",
+    )
+    x.add_argument(
+        "--static-gates",
+        choices=["identity", "mean"],
+        help="APPROXIMATION (changes outputs, off by default): export DDTB's gated quantizers "
+        "with static bounds, the gate's identity or its mean multiplier on the bundled train "
+        "images; measure the PSNR before using it",
+    )
+    x.add_argument(
+        "--pixel-shuffle",
+        choices=["transpose", "depth_to_space"],
+        default="transpose",
+        help="pixel shuffle as Reshape/Transpose (faster in onnxruntime) or one DepthToSpace",
+    )
     x.set_defaults(func=_cmd_export)
 
     r = sub.add_parser(

@@ -4,8 +4,10 @@
   frozen into bit-packed k-bit weight codes in one safetensors file (bit-exact round trip).
 * :mod:`~lowbitsr.deploy.onnx_export`: :func:`export_onnx` — float models as plain ONNX,
   static-bit DDTB/PAMS layers as QCDQ (QuantizeLinear → Clip → DequantizeLinear) with int8
-  weight initializers, gated DDTB layers as float ops; optional onnxruntime parity check.
-* :mod:`~lowbitsr.deploy.runtime`: :class:`OnnxSR` and the tiled :func:`upscale_image_onnx`.
+  weight initializers, gated DDTB layers and Granular-DQ's per-tile bits as float ops;
+  optional onnxruntime parity check.
+* :mod:`~lowbitsr.deploy.runtime`: :class:`OnnxSR`, the tiled :func:`upscale_image_onnx` and
+  :func:`upscale_image_gdq_onnx` (Granular-DQ tiles at mixed bits in one batch).
 
 The ONNX parts import ``onnx``/``onnxruntime`` lazily (``pip install lowbitsr[deploy]``).
 """
@@ -29,7 +31,7 @@ from .pack import (
 
 if TYPE_CHECKING:
     from .onnx_export import ExportReport, export_onnx
-    from .runtime import OnnxSR, upscale_image_onnx
+    from .runtime import OnnxSR, upscale_image_gdq_onnx, upscale_image_onnx
 
 __all__ = [
     "ExportReport",
@@ -44,6 +46,7 @@ __all__ = [
     "load_packed",
     "save_packed",
     "size_report",
+    "upscale_image_gdq_onnx",
     "upscale_image_onnx",
     "weight_codes",
 ]
@@ -53,6 +56,7 @@ _LAZY = {
     "export_onnx": "onnx_export",
     "OnnxSR": "runtime",
     "upscale_image_onnx": "runtime",
+    "upscale_image_gdq_onnx": "runtime",
 }
 
 

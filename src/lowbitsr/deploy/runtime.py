@@ -5,7 +5,10 @@ file written by :func:`~lowbitsr.deploy.onnx_export.export_onnx` and reads the s
 from its metadata. :func:`upscale_image_onnx` mirrors :func:`lowbitsr.evaluate.upscale_image`
 (same tile geometry, :func:`lowbitsr.evaluate._iter_tiles`, same rounding): with ``tile > 0`` each
 tile's output is written straight into a preallocated uint8 result, so peak memory is the uint8
-output plus the float32 LR image plus one tile's activations.
+output plus the float32 LR image plus one tile's activations. Granular-DQ exports (inputs ``lr``
+and ``bits``) run with their bits decided in the graph by default;
+:func:`upscale_image_gdq_onnx` is their §2.4 tiled inference (96/90 tiles, a batch of tiles at
+mixed bit-widths per call).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from ..errors import LowbitsrError
 from ..evaluate import _iter_tiles
 
-__all__ = ["OnnxSR", "upscale_image_onnx"]
+__all__ = ["OnnxSR", "upscale_image_gdq_onnx", "upscale_image_onnx"]
 
 
 class OnnxSR:
@@ -29,9 +32,15 @@ class OnnxSR:
         path: ``.onnx`` file from :func:`~lowbitsr.deploy.onnx_export.export_onnx`.
         threads: intra-op threads (None: onnxruntime's default, all physical cores).
         providers: execution providers (default CPU only).
-        optimization: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
+        optimization: ``"all"`` (default: includes the NCHWc float-conv layout and the
+            QDQ → QLinearConv fusion), ``"extended"``, ``"basic"`` or ``"disable"``.
+        mem_arena: onnxruntime's CPU memory arena (default on). Off, buffers are allocated
+            as requested: lower peak memory for large inputs, at some speed cost.
 
     Attributes:
+        granular_dq: the file is a Granular-DQ export (inputs ``lr`` and ``bits``, outputs
+            ``sr`` and ``bits_used``).
+        last_bits: Granular-DQ: ``[N]`` bit-widths of the last call (None before / otherwise).
         scale: upscaling factor (from the file's ``lowbitsr.scale`` metadata).
         rgb_range: value of white (``lowbitsr.rgb_range``, default 255).
         session: the ``onnxruntime.InferenceSession``.
@@ -44,6 +53,7 @@ class OnnxSR:
         threads: int | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         optimization: str = "all",
+        mem_arena: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -64,24 +74,30 @@ class OnnxSR:
         so.graph_optimization_level = levels[optimization]
         if threads is not None:
             so.intra_op_num_threads = int(threads)
+        so.enable_cpu_mem_arena = bool(mem_arena)
         self.session = ort.InferenceSession(str(p), so, providers=list(providers))
         meta = self.session.get_modelmeta().custom_metadata_map
         self.scale = int(meta.get("lowbitsr.scale", "0"))
         self.rgb_range = float(meta.get("lowbitsr.rgb_range", "255"))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.granular_dq = "bits" in {i.name for i in self.session.get_inputs()}
+        self.last_bits: np.ndarray | None = None
         if self.scale <= 0:
             raise LowbitsrError(
                 f"{p}: no 'lowbitsr.scale' metadata; export the model with "
                 "lowbitsr.deploy.export_onnx"
             )
 
-    def __call__(self, lr: np.ndarray) -> np.ndarray:
+    def __call__(self, lr: np.ndarray, bits: np.ndarray | int | None = None) -> np.ndarray:
         """Super-resolve a batch.
 
         Args:
             lr: N×3×H×W float32 in [0, rgb_range] (any H, W ≥ 1; converted to contiguous
                 float32 if needed).
+            bits: Granular-DQ exports only: the bit-width of each sample (``[N]`` or one int;
+                0 = decided in the graph, the default). The bits used are kept in
+                :attr:`last_bits`.
 
         Returns:
             N×3×(scale·H)×(scale·W) float32, same range, not clamped.
@@ -89,7 +105,16 @@ class OnnxSR:
         x = np.ascontiguousarray(lr, dtype=np.float32)
         if x.ndim != 4:
             raise ValueError(f"OnnxSR: expected an N×3×H×W array, got shape {x.shape}")
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        if not self.granular_dq:
+            if bits is not None:
+                raise ValueError("OnnxSR: bits are only for Granular-DQ exports")
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        b = np.broadcast_to(np.asarray(0 if bits is None else bits, dtype=np.int64), x.shape[:1])
+        sr, used = self.session.run(
+            ["sr", "bits_used"], {self.input_name: x, "bits": np.ascontiguousarray(b)}
+        )
+        self.last_bits = used
+        return sr
 
 
 def _runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
@@ -97,6 +122,14 @@ def _runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
         return session
     inp = session.get_inputs()[0].name
     out = session.get_outputs()[0].name
+    if "bits" in {i.name for i in session.get_inputs()}:  # Granular-DQ: bits decided in-graph
+        return lambda x: session.run(
+            [out],
+            {
+                inp: np.ascontiguousarray(x, dtype=np.float32),
+                "bits": np.zeros(x.shape[0], np.int64),
+            },
+        )[0]
     return lambda x: session.run([out], {inp: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
@@ -156,3 +189,64 @@ def upscale_image_onnx(
         core = sr[:, oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale]
         out[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = _to_uint8(core, rng)
     return out
+
+
+def upscale_image_gdq_onnx(
+    session: OnnxSR,
+    image: np.ndarray,
+    tile: int = 96,
+    step: int = 90,
+    *,
+    max_batch: int = 16,
+    bits: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Granular-DQ tiled inference (METHODS §2.4) of one uint8 H×W×3 image with onnxruntime.
+
+    The tile geometry and stitching of :func:`lowbitsr.quant.granular_dq.gdq_super_resolve`
+    (``tile``×``tile`` LR tiles every ``step`` pixels, the last row/column aligned to the
+    border; each tile keeps the region closer to it than to its neighbours). The tiles run in
+    batches of up to ``max_batch``, each at its own bit-width in the same batch (the export's
+    quantizers select per-sample scales), decided in the graph unless ``bits`` is given.
+
+    Args:
+        session: an :class:`OnnxSR` of a Granular-DQ export.
+        image: uint8 H×W×3 RGB.
+        tile, step: LR tile size and step (``0 < step <= tile``).
+        max_batch: tiles per onnxruntime call.
+        bits: optional ``[rows, cols]`` (or flat) bit-width of every tile.
+
+    Returns:
+        ``(sr, bit_map)``: uint8 (scale·H)×(scale·W)×3 and the ``[rows, cols]`` int64 bits.
+    """
+    from ..quant.granular_dq import _own_bounds, gdq_tile_starts
+
+    if not session.granular_dq:
+        raise ValueError("upscale_image_gdq_onnx: not a Granular-DQ export")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 H×W×3 image, got {image.dtype} {image.shape}")
+    s, rng = session.scale, session.rgb_range
+    h, w = image.shape[:2]
+    lr = image.transpose(2, 0, 1).astype(np.float32)
+    if rng != 255.0:
+        lr *= np.float32(rng / 255.0)
+    ys, xs = gdq_tile_starts(h, tile, step), gdq_tile_starts(w, tile, step)
+    th, tw = min(tile, h), min(tile, w)
+    by, bx = _own_bounds(ys, th, h), _own_bounds(xs, tw, w)
+    boxes = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+    forced = None if bits is None else np.asarray(bits, dtype=np.int64).reshape(-1)
+    if forced is not None and forced.size != len(boxes):
+        raise ValueError(f"bits: need {len(boxes)} tile bit-widths, got {forced.size}")
+    out = np.empty((h * s, w * s, 3), dtype=np.uint8)
+    used = np.zeros(len(boxes), dtype=np.int64)
+    for a in range(0, len(boxes), max_batch):
+        group = boxes[a : a + max_batch]
+        batch = np.stack([lr[:, ys[i] : ys[i] + th, xs[j] : xs[j] + tw] for i, j in group])
+        sr = session(batch, None if forced is None else forced[a : a + len(group)])
+        assert session.last_bits is not None
+        used[a : a + len(group)] = session.last_bits
+        for (i, j), sr_k in zip(group, sr, strict=True):
+            y0, y1, x0, x1 = by[i], by[i + 1], bx[j], bx[j + 1]
+            oy, ox = (y0 - ys[i]) * s, (x0 - xs[j]) * s
+            core = sr_k[:, oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s]
+            out[y0 * s : y1 * s, x0 * s : x1 * s] = _to_uint8(core, rng)
+    return out, used.reshape(len(ys), len(xs))
