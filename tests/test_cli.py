@@ -177,6 +177,15 @@ def test_upscale_granular_dq_saves_bitmap(image_folder, tmp_path):
     assert (sr != pic).any()  # tinted
     assert main(["upscale", str(tmp_path / "gdq").replace("gdq", "nope"), "x", "y"]) == 2
 
+    # the same through the ONNX export: per-tile bits decided in the graph, same tiling
+    onnx, out2, bm2 = tmp_path / "gdq.onnx", tmp_path / "sr_onnx.png", tmp_path / "bits_onnx.png"
+    assert main(["export", str(tmp_path / "gdq"), "--onnx", str(onnx)]) == 0
+    args2 = ["upscale", str(onnx), str(image_folder / "img1.png"), str(out2), "--backend", "onnx"]
+    assert main([*args2, "--bitmap", str(bm2), "--quiet"]) == 0
+    sr2, pic2 = np.asarray(Image.open(out2)), np.asarray(Image.open(bm2))
+    assert np.abs(sr2.astype(int) - sr.astype(int)).max() <= 1
+    assert np.abs(pic2.astype(int) - pic.astype(int)).max() <= 1  # same bit map
+
 
 def test_convert_export_and_onnx_upscale(image_folder, tmp_path, capsys):
     import torch

@@ -274,16 +274,27 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
                 raise
             failed.append(str(exc))  # keep going: one bad file must not lose the others' work
             continue
-        if args.backend == "onnx":
+        if args.backend == "onnx" and model.granular_dq:  # per-tile bits decided in the graph
+            from .deploy import upscale_image_gdq_onnx
+
+            q = model.quant or {}
+            tile_step = (int(q.get("tile", 96)), int(q.get("tile_step", 90)))
+            sr, bit_map = upscale_image_gdq_onnx(model, img, *tile_step)
+        elif args.backend == "onnx":
             from .deploy import upscale_image_onnx
 
             sr = upscale_image_onnx(model, img, tile=args.tile, overlap=args.overlap)
         elif is_dynamic_bits(model):  # Granular-DQ: its own tiling, one bit-width per tile
             sr, bit_map = _gdq_upscale(model, img, scale, args.device)
+            tile_step = (model.config.tile, model.config.tile_step)
+        if args.backend == "onnx" or is_dynamic_bits(model):
             if args.bitmap:
+                if not (args.backend == "torch" or model.granular_dq):
+                    raise LowbitsrError(
+                        f"--bitmap needs a Granular-DQ model; {args.model} is not one"
+                    )
                 bm_path = Path(args.bitmap) if len(pairs) == 1 else out.with_suffix(".bits.png")
-                tcfg = model.config
-                pic = bitmap_overlay(sr, bit_map, img.shape[:2], tcfg.tile, tcfg.tile_step)
+                pic = bitmap_overlay(sr, bit_map, img.shape[:2], *tile_step)
                 write_image(bm_path, pic)
                 print(f"bit map -> {bm_path} (FAB {fab(bit_map):.2f})")
         else:

@@ -13,6 +13,7 @@ mixed bit-widths per call).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class OnnxSR:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.granular_dq = "bits" in {i.name for i in self.session.get_inputs()}
+        #: the quantization config the model was exported with (None for float models)
+        self.quant: dict | None = json.loads(meta.get("lowbitsr.quant") or "null")
         self.last_bits: np.ndarray | None = None
         if self.scale <= 0:
             raise LowbitsrError(
