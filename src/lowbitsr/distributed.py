@@ -53,6 +53,8 @@ __all__ = [
     "convert_sync_batchnorm",
     "init_from_env",
     "mean_across_ranks",
+    "resolve_device",
+    "shard",
 ]
 
 

@@ -535,14 +535,10 @@ def _scatter_plot(
     ax.set_title(title, fontsize=10.5)
     ax.grid(True, color="0.9", lw=0.6)
     ax.set_axisbelow(True)
-    ax.legend(
+    _legend_right(
+        ax,
+        f"labels: model name\nwithout '{prefix}'" if prefix else None,
         handles=list(handles.values()),
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1.0),
-        fontsize=8.5,
-        frameon=False,
-        title=f"labels: model name\nwithout '{prefix}'" if prefix else None,
-        title_fontsize=8,
     )
     fig.tight_layout()
     _place_labels(ax, xs, [r.psnr for r, _ in pts], [short[r.model] for r, _ in pts])
@@ -635,16 +631,23 @@ def _per_image_plot(
     ax.grid(True, axis="y", color="0.9", lw=0.6, zorder=0)
     ax.set_axisbelow(True)
     ax.set_title(title, fontsize=10.5)
+    _legend_right(ax, f"without '{prefix}'" if prefix else None)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+
+def _legend_right(ax: Any, title: str | None, **kwargs: Any) -> None:
+    """The report's legend style: outside the axes, top right, small, no frame."""
     ax.legend(
         loc="upper left",
         bbox_to_anchor=(1.01, 1.0),
         fontsize=8.5,
         frameon=False,
-        title=f"without '{prefix}'" if prefix else None,
+        title=title,
         title_fontsize=8,
+        **kwargs,
     )
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- crops and SR

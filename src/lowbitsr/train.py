@@ -256,14 +256,14 @@ def train(
         barrier,
         broadcast_object,
         broadcast_state,
-        context,
         convert_sync_batchnorm,
+        init_from_env,
         mean_across_ranks,
         resolve_device,
     )
     from .evaluate import evaluate
 
-    ctx = context()
+    ctx = init_from_env(device)  # joins torchrun's group if launched by it and not yet joined
     main = ctx.is_main
     device = resolve_device(device, ctx)
     torch.manual_seed(cfg.seed)
