@@ -98,7 +98,11 @@ class TrainConfig:
             the run stops with a message (the last good checkpoint is kept).
         amp: ``"none"`` (float32) or ``"bf16"``: the forward and loss run under
             ``torch.autocast(dtype=bfloat16)`` (meant for GPUs; weights, optimizer state,
-            quantizer bounds and checkpoints stay float32).
+            quantizer bounds and checkpoints stay float32). On CPUs with AMX (bf16 matrix
+            units) this is about 5x faster than float32 for EDSR-style convs, together with
+            ``channels_last``.
+        channels_last: keep the model and batches in ``torch.channels_last`` memory format
+            during training (faster convolutions on CPUs; validation is unaffected).
         tensorboard: also write TensorBoard scalars to ``<run_dir>/tensorboard`` (losses,
             learning rate, validation PSNR/SSIM, quantizer bounds, gate outputs, FAB); needs
             ``pip install "lowbitsr[tensorboard]"``.
@@ -119,6 +123,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     max_nonfinite: int = 10
     amp: str = "none"
+    channels_last: bool = False
     tensorboard: bool = False
 
 

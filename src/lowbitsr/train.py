@@ -311,6 +311,8 @@ def train(
     else:
         model = recipe.prepare(model, calib, resume_state)
     model = model.to(device).train()
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if ctx.enabled:
         broadcast_state(model)
         assert_same_state(model, f"{cfg.name}: model after calibration")
@@ -388,6 +390,11 @@ def train(
     last_val: float | None = None
     while step < tc.iterations:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(data).items()}
+        if tc.channels_last:
+            batch = {
+                k: (v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) else v)
+                for k, v in batch.items()
+            }
         with _autocast(tc.amp, device):
             loss, logs = recipe.loss(stepper, batch, step)
         opt.zero_grad(set_to_none=True)
