@@ -1,9 +1,9 @@
 """Benchmark: cost of a DDTB / PAMS QAT training step and of quantized inference vs full precision.
 
 Not a test. Builds a float model with random weights, its DDTB student (``DDTBConfig(bits)``,
-calibrated on one batch, gates applied: the second training stage, METHODS §1.6) and its PAMS
-student (``PAMSConfig(bits)``, calibrated), and times, as the median over ``--repeats`` runs after
-warm-up:
+calibrated on one batch, gates applied: the second training stage, docs/methods.md §1.6) and its
+PAMS student (``PAMSConfig(bits)``, calibrated), and times, as the median over ``--repeats`` runs
+after warm-up:
 
 - ``fp_step``: float model, forward + L1 + backward + Adam step;
 - ``ddtb_step``: DDTB student alone, the same;

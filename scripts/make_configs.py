@@ -2,8 +2,9 @@
 
     python scripts/make_configs.py
 
-Paper recipe (METHODS §1.6): DIV2K, batch 16, 1000 iterations per epoch, 60 epochs (PAMS: 30),
-Adam lr 1e-4 (bounds 1e-2), StepLR every 10 epochs x0.5, calibration then 4 epochs of first stage.
+Paper recipe (docs/methods.md §1.6): DIV2K, batch 16, 1000 iterations per epoch, 60 epochs
+(PAMS: 30), Adam lr 1e-4 (bounds 1e-2), StepLR every 10 epochs x0.5, calibration then 4 epochs
+of first stage.
 Validation is on DIV2K 791-800 (held out of training), never on a benchmark.
 Reduced recipe: the demo network (edsr_tiny) x4 on the bundled photos, a few minutes per run on
 2 CPU cores; every row of the RESULTS.md quality table uses the same budget.
@@ -108,8 +109,9 @@ def cpu_config(method: str, bits: int, gates: bool = True) -> dict:
 
 
 def gdq_paper_config(arch: str, scale: int) -> dict:
-    """Granular-DQ paper recipe (METHODS §2.4): L1 only, LR crop 48, batch 16, 300K iterations,
-    lr 2e-4 halved at 250K; entropy thresholds built from the training set at start-up."""
+    """Granular-DQ paper recipe (docs/methods.md §2.4): L1 only, LR crop 48, batch 16, 300K
+    iterations, lr 2e-4 halved at 250K; entropy thresholds built from the training set at
+    start-up."""
     cfg = paper_config(arch, scale, "ddtb", 2)
     cfg["name"] = f"{arch}_x{scale}_gdq"
     cfg["data"]["train"]["lr_patch"] = 48
@@ -149,7 +151,8 @@ def write(cfg: dict, header: str) -> None:
 
 
 def main() -> None:
-    paper = "# Paper recipe (METHODS §1.6); set the DIV2K root and the float init checkpoint:\n"
+    paper = "# Paper recipe (docs/methods.md §1.6); "
+    paper += "set the DIV2K root and the float init checkpoint:\n"
     paper += "#   lowbitsr quantize configs/{name}.yaml --set data.train.root=... "
     paper += "--set data.val.root=... --set model.init=...\n"
     for arch, scales in PAPER_ARCHS.items():
