@@ -56,7 +56,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 #: row -> (quant section, multi-seed, learning rate). Recipes follow configs/edsr_baseline_x4_*.
-_KD = {"bound_lr": 0.01, "kd_weight": 1000.0, "calib_batches": 1}
+# four calibration batches: the official gate placement needs a variance across batches
+_KD = {"bound_lr": 0.01, "kd_weight": 1000.0, "calib_batches": 4}
 ROWS: dict[str, dict[str, Any]] = {
     "pams_w2a2": {"quant": {"method": "pams", "bits": 2, "recipe": _KD}, "seeds": True},
     "ddtb_w2a2": {"quant": {"method": "ddtb", "bits": 2, "recipe": _KD}, "seeds": True},
@@ -126,6 +127,19 @@ class Campaign:
 
         return load_config(self.teacher_cfg_path, self.args.teacher_set)
 
+    def teacher_init(self) -> str:
+        """What the quantized runs start from: ``--teacher-from`` or the teacher's run folder."""
+        return self.args.teacher_from or str(self.teacher_config().run_dir)
+
+    def load_teacher(self) -> Any:
+        from lowbitsr.checkpoint import load_model
+        from lowbitsr.pretrained import load_pretrained
+
+        ref = self.teacher_init()
+        if ref.startswith("pretrained:"):
+            return load_pretrained(ref.split(":", 1)[1]).eval()
+        return load_model(Path(ref) / "model" if Path(ref).is_dir() else ref).eval()
+
     def run_names(self) -> list[tuple[str, int]]:
         """(row, seed) in execution order: seed 0 of every row first, then the other seeds."""
         rows = [r for r in ROWS if not self.args.rows or r in self.args.rows]
@@ -157,7 +171,7 @@ class Campaign:
             "name": f"{row}_s{seed}",
             "seed": seed,
             "output_root": str(self.runs),
-            "model": {**t["model"], "init": str(teacher.run_dir)},
+            "model": {**t["model"], "init": self.teacher_init()},
             "data": data,
             "train": {
                 "iterations": it,
@@ -255,7 +269,7 @@ class Campaign:
         from lowbitsr.train import train
 
         cfg = self.teacher_config()
-        if (cfg.run_dir / "model.json").is_file():
+        if self.args.teacher_from or (cfg.run_dir / "model.json").is_file():
             return
         if not self.claim("fp"):
             raise SystemExit(f"the teacher {cfg.run_dir} is being trained by another process")
@@ -288,7 +302,6 @@ class Campaign:
 
     def reference_results(self) -> None:
         """JSON of bicubic and the float teacher (evaluated once)."""
-        from lowbitsr.checkpoint import load_model
         from lowbitsr.config import config_to_dict
         from lowbitsr.evaluate import Bicubic
 
@@ -297,14 +310,17 @@ class Campaign:
             ev = self.evaluate_model(Bicubic(cfg.model.scale), "bicubic", cfg)
             self.write_result("bicubic", {"row": "bicubic", "seed": 0, "eval": ev})
         if not self.result_path("fp").is_file():
-            header = json.loads((cfg.run_dir / "model.json").read_text())
-            model = load_model(cfg.run_dir / "model").eval()
+            model = self.load_teacher()
+            header = {"meta": getattr(model, "meta", None) or {}}
+            if not self.args.teacher_from:
+                header = json.loads((cfg.run_dir / "model.json").read_text())
             ev = self.evaluate_model(model, "fp", cfg)
             self.write_result(
                 "fp",
                 {
                     "row": "fp",
                     "seed": cfg.seed,
+                    "teacher": self.teacher_init(),
                     "commit": _commit(),
                     "config": config_to_dict(cfg),
                     "train": {
