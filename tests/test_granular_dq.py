@@ -1,4 +1,4 @@
-"""Granular-DQ (METHODS §2): entropy, config, layer invariance, gate gradients, tiles, ATC,
+"""Granular-DQ (docs/methods.md §2): entropy, config, layer invariance, gate gradients, tiles, ATC,
 save/load, the training recipe."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ float32 or float64, never synchronises with the host (no ``.item()``, no branchi
 values) and is differentiable through autograd. Stateful modules (learned bounds, gates, lazy
 initialisation, caching) live one level up and call these.
 
-Map to ``docs/METHODS.md``:
+Map to ``docs/methods.md``:
 
 =============================  ====================================================================
 function                       section
@@ -98,7 +98,7 @@ class _RoundSTE(torch.autograd.Function):
 def round_ste(x: Tensor) -> Tensor:
     """Round to the nearest integer (half to even), with a straight-through gradient.
 
-    METHODS §1.1 ``round_ste``; also the rounding of §1.2 and §1.8.
+    docs/methods.md §1.1 ``round_ste``; also the rounding of §1.2 and §1.8.
 
     Args:
         x: any shape, floating dtype, any values.
@@ -130,7 +130,7 @@ class _QuantSRRound(torch.autograd.Function):
 def quantsr_round(x: Tensor) -> Tensor:
     """QuantSR rounding: ``torch.round`` forward, smooth-staircase gradient backward.
 
-    METHODS §2.3 "Rounding (QuantSR's)". The backward multiplies the incoming gradient by
+    docs/methods.md §2.3 "Rounding (QuantSR's)". The backward multiplies the incoming gradient by
     ``d/dv [(tanh(frac(v) - 0.5) / tanh(0.5)) / 2 + 0.5] = (1 - tanh(frac(v) - 0.5)**2)
     / (2 tanh(0.5))`` at ``v = x``, with ``frac(v) = v - floor(v)`` in ``[0, 1)``: about 0.8509 at
     integers and 1.0820 at half-integers, periodic with period 1.
@@ -202,7 +202,7 @@ def _asym_codes(
 
 
 def asym_quant_params(lower: Tensor, upper: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of the DDTB asymmetric quantizer, METHODS §1.1.
+    """Scale and zero point of the DDTB asymmetric quantizer, docs/methods.md §1.1.
 
     ``s = (2**k - 1) / (upper - lower)`` and ``zp = round(s * lower) + 2**(k-1)``; the
     dequantised value of an integer code ``q`` is ``(q + zp) / s``. In ONNX QuantizeLinear terms
@@ -231,7 +231,7 @@ def asym_quantize_codes(
     clip: bool = True,
     clamp_codes: bool = False,
 ) -> Tensor:
-    """Integer codes of the DDTB asymmetric quantizer, METHODS §1.1.
+    """Integer codes of the DDTB asymmetric quantizer, docs/methods.md §1.1.
 
     ``q = round(s * max(min(x, upper), lower) - zp)`` with ``s, zp`` from
     :func:`asym_quant_params`, so that ``asym_fake_quant(x, ...) == (q + zp) / s`` bit for bit.
@@ -346,7 +346,7 @@ def _reduce_rows(rows: Tensor, g: Tensor, shape: torch.Size) -> Tensor:
 
 
 class _AsymFakeQuant(torch.autograd.Function):
-    """METHODS §1.1 fake quantizer: exact forward, closed-form backward in three passes.
+    """docs/methods.md §1.1 fake quantizer: exact forward, closed-form backward in three passes.
 
     The forward is :func:`_quant_chain` after the min/max clip, bit-identical to
     :func:`_asym_fake_quant_reference`. The backward gives the gradients autograd derives from
@@ -500,7 +500,7 @@ def asym_fake_quant(
     clip: bool = True,
     clamp_codes: bool = False,
 ) -> Tensor:
-    """DDTB fake quantizer with two trainable bounds, METHODS §1.1 (exact operation order).
+    """DDTB fake quantizer with two trainable bounds, docs/methods.md §1.1 (exact operation order).
 
     Forward::
 
@@ -579,7 +579,7 @@ def _quantile_select(flat: Tensor, q: float) -> Tensor:
 
 
 def percentile_bounds(t: Tensor, q_low: float, q_high: float) -> tuple[Tensor, Tensor]:
-    """Percentile bounds of a tensor, METHODS §1.2 (weights) and §1.4 (bound initialisation).
+    """Percentile bounds of a tensor, docs/methods.md §1.2 (weights) and §1.4 (bound init).
 
     Each bound is ``torch.quantile(t.detach().double().flatten(), q / 100).float()`` (linear
     interpolation in float64, then rounded to float32), computed bit for bit by selecting the two
@@ -616,7 +616,7 @@ def ddtb_weight_quant(
     *,
     clamp_codes: bool = False,
 ) -> Tensor:
-    """DDTB per-tensor asymmetric weight quantizer, METHODS §1.2.
+    """DDTB per-tensor asymmetric weight quantizer, docs/methods.md §1.2.
 
     The §1.1 formula with bounds computed from ``w.detach()`` (no gradient through them):
 
@@ -665,7 +665,7 @@ def _maxabs_sym_quant(w: Tensor, bits: int) -> Tensor:
 
 
 def ternary_weight_quant(w: Tensor, bits: int = 2) -> Tensor:
-    """The DDTB gate's symmetric per-tensor max-abs weight quantizer, METHODS §1.2.
+    """The DDTB gate's symmetric per-tensor max-abs weight quantizer, docs/methods.md §1.2.
 
     ``qmax = 2**(k-1) - 1`` (1 at k = 2, i.e. ternary), ``m = max|w.detach()| + 1e-8``,
     ``w_q = round(w * qmax / m) * m / qmax`` in exactly that order. Backward is the identity to
@@ -685,7 +685,7 @@ def ternary_weight_quant(w: Tensor, bits: int = 2) -> Tensor:
 def gate_act_quant(
     g: Tensor, bits: int = 2, per_sample: bool = True, straight_through: bool = True
 ) -> Tensor:
-    """The DDTB gate's activation quantizer ``Q2``, METHODS §1.3.
+    """The DDTB gate's activation quantizer ``Q2``, docs/methods.md §1.3.
 
     The §1.1 formula (without the clip, which is a no-op here) with ``lower = min``,
     ``upper = max`` of the input, computed without gradient:
@@ -743,7 +743,7 @@ def _pams_act_quant_reference(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
 
 
 class _PAMSActQuant(torch.autograd.Function):
-    """METHODS §1.8 quantizer: the reference's forward bits, closed-form backward.
+    """docs/methods.md §1.8 quantizer: the reference's forward bits, closed-form backward.
 
     Reference graph: ``c = clamp(x, -alpha, alpha)``, ``v = (c * q) / alpha``,
     ``out = (round_ste(v) * alpha) / q``. The clamp is computed as ``min(max(x, -alpha), alpha)``
@@ -802,7 +802,7 @@ class _PAMSActQuant(torch.autograd.Function):
 
 
 def pams_act_quant(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    """PAMS symmetric activation quantizer with a learnable clipping value, METHODS §1.8.
+    """PAMS symmetric activation quantizer with a learnable clipping value, docs/methods.md §1.8.
 
     ``out = round(clamp(x, -alpha, alpha) * q / alpha) * alpha / q`` with ``q = 2**(k-1) - 1``,
     in that order (as in the official ``pams_quant_act``; the official clip uses min/max, which
@@ -839,7 +839,7 @@ def pams_act_quant(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
 
 
 def pams_weight_quant(w: Tensor, bits: int) -> Tensor:
-    """PAMS weight quantizer: symmetric per-tensor max-abs, METHODS §1.8.
+    """PAMS weight quantizer: symmetric per-tensor max-abs, docs/methods.md §1.8.
 
     Same computation as the official PAMS ``quant_weight`` (which DDTB reuses for its gate, see
     :func:`ternary_weight_quant`): ``m = max|w.detach()| + 1e-8``, ``qmax = 2**(k-1) - 1``,
@@ -869,14 +869,26 @@ def _lsq_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def lsq_fake_quant(
-    x: Tensor, alpha: Tensor, bits: int, signed: bool, grad_scale: float | None = None
+    x: Tensor,
+    alpha: Tensor,
+    bits: int,
+    signed: bool,
+    grad_scale: float | None = None,
+    *,
+    official: bool = False,
 ) -> Tensor:
     """LSQ fake quantizer with QuantSR rounding (Granular-DQ activations and weights), §2.3.
 
     ``out = quantsr_round(clamp(x / alpha, -Qn, Qp)) * alpha`` with ``(Qn, Qp) =
     (2**(k-1), 2**(k-1) - 1)`` if ``signed`` else ``(0, 2**k - 1)``. The forward uses ``alpha``
     exactly; only its gradient is multiplied by ``g = grad_scale`` (default
-    ``1 / sqrt(x.numel() * Qp)``, LSQ's step-size gradient scale).
+    ``1 / sqrt(x.numel() * Qp)``, LSQ's step-size gradient scale, a Python float).
+
+    ``official=True`` (Granular-DQ ``compat="official"``) reproduces the released code's
+    ``grad_scale``: the forward uses ``alpha' = (alpha - alpha * g) + alpha * g`` in ``x``'s
+    dtype, which can be one ulp away from ``alpha`` (the codes do not change; the output moves
+    by up to an ulp of ``alpha`` per code), and the gradient reaches ``alpha`` through
+    ``alpha * g``.
 
     Gradients (``v = x / alpha``, ``r`` = round, ``r'`` = QuantSR factor at ``v``, see
     :func:`quantsr_round`): inside ``-Qn <= v <= Qp``: ``d out/d x = r'(v)``,
@@ -889,19 +901,25 @@ def lsq_fake_quant(
         bits: ``k >= 2`` if signed, ``k >= 1`` otherwise.
         signed: symmetric signed range (inputs with negatives, weights) or unsigned.
         grad_scale: multiplier for alpha's gradient; None for the LSQ default.
+        official: the released forward value of the step (see above).
 
     Returns:
-        Same shape and dtype as ``x``; values ``j * alpha`` for integer ``j`` in ``[-Qn, Qp]``.
+        Same shape and dtype as ``x``; values ``j * alpha`` for integer ``j`` in ``[-Qn, Qp]``
+        (``j * alpha'`` when ``official``).
     """
     _check_bits(bits, 2 if signed else 1, "lsq_fake_quant")
     qn, qp = _lsq_range(bits, signed)
     g = 1.0 / math.sqrt(x.numel() * qp) if grad_scale is None else float(grad_scale)
-    alpha_s = _ScaleGrad.apply(alpha, g)
+    if official:
+        a_g = alpha * g
+        alpha_s = (alpha - a_g).detach() + a_g
+    else:
+        alpha_s = _ScaleGrad.apply(alpha, g)
     return quantsr_round(torch.clamp(x / alpha_s, -qn, qp)) * alpha_s
 
 
 def lsq_init_alpha(x: Tensor, bits: int, signed: bool) -> Tensor:
-    """LSQ step initialisation ``2 * mean|x| / sqrt(Qp)``, METHODS §2.3.
+    """LSQ step initialisation ``2 * mean|x| / sqrt(Qp)``, docs/methods.md §2.3.
 
     Args:
         x: the first batch of the quantizer's input (or the weight), any shape, floating dtype.

@@ -1,16 +1,16 @@
 """Granular-DQ building blocks: the shared bit context, quantized conv, GBC, E2B/ATC, entropy.
 
-METHODS §2 (Wang et al., AAAI 2025). One bit-width per image patch is chosen once per forward
-pass and used by every quantized layer of the network for that patch ("layer-invariant").
+docs/methods.md §2 (Wang et al., AAAI 2025). One bit-width per image patch is chosen once per
+forward pass and used by every quantized layer of the network for that patch ("layer-invariant").
 
-How the pieces talk to each other (DESIGN habit 2): the model wrapper in
+How the pieces talk to each other: the model wrapper in
 :mod:`lowbitsr.quant.granular_dq` owns one :class:`BitContext`. The
 :class:`GranularBitController` writes the per-sample selection into it once per forward (from
 the head features), and every :class:`GDQConv2d` reads it. No ``[x, bits]`` lists travel through
 the blocks; the float architectures keep ``forward(lr) -> sr``.
 
 =================================  ===============================================================
-object                             METHODS section
+object                             docs/methods.md section
 =================================  ===============================================================
 :class:`GDQActQuantizer`           §2.3 LSQ/QuantSR activation quantizer, one α per candidate bit
 :class:`GDQConv2d`                 §2.3 8-bit LSQ weights + the activation quantizer on its input
@@ -47,11 +47,11 @@ __all__ = [
     "quantile_curve_cdf",
 ]
 
-#: Number of histogram bins, kernel width and epsilon of the E2B entropy (METHODS §2.2).
+#: Number of histogram bins, kernel width and epsilon of the E2B entropy (docs/methods.md §2.2).
 ENTROPY_BINS = 32
 ENTROPY_SIGMA = 0.0255
 ENTROPY_EPS = 1e-40
-#: Official ATC normalisation ``(H - 1.2) / 2.2`` (METHODS §2.2, compat only).
+#: Official ATC normalisation ``(H - 1.2) / 2.2`` (docs/methods.md §2.2, compat only).
 _OFFICIAL_ATC_SHIFT = 1.2
 _OFFICIAL_ATC_SCALE = 2.2
 
@@ -73,7 +73,7 @@ class BitContext:
         candidates: the sorted candidate bit-widths, e.g. ``(4, 5, 6, 8)``; column ``j`` of ``y``
             is ``candidates[j]``.
         y: ``[N, B]`` one-hot selection (exactly 0/1 forward; in training with a learned gate its
-            backward is the Gumbel-softmax gradient, METHODS §2.1). None outside a forward.
+            backward is the Gumbel-softmax gradient, docs/methods.md §2.1). None outside a forward.
         sel: ``[N]`` int64, column index of each sample's selected bit-width.
         counts: ``[B]`` float, how many samples selected each bit-width (the LSQ gradient scale
             of a bit's α uses the number of elements that bit quantized).
@@ -133,7 +133,7 @@ class _HardOneHot(torch.autograd.Function):
     """Forward: exact one-hot of the argmax of ``soft``; backward: identity to ``soft``.
 
     The usual ``hard - soft.detach() + soft`` is not exactly 0/1 in floating point; the
-    selected layer output must be exactly ``Q_b(x)`` (METHODS §2.1), so the forward is built
+    selected layer output must be exactly ``Q_b(x)`` (docs/methods.md §2.1), so the forward is built
     directly.
     """
 
@@ -149,7 +149,7 @@ class _HardOneHot(torch.autograd.Function):
 def hard_gumbel_softmax(
     logits: Tensor, tau: float, noise: bool, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Straight-through hard Gumbel-softmax over the last dim (METHODS §2.1).
+    """Straight-through hard Gumbel-softmax over the last dim (docs/methods.md §2.1).
 
     Args:
         logits: ``[N, K]`` gate logits.
@@ -188,7 +188,7 @@ class _ScaleGradPerSample(torch.autograd.Function):
 
 
 class GDQActQuantizer(nn.Module):
-    """LSQ/QuantSR activation quantizer with one step ``α_b`` per candidate bit, METHODS §2.3.
+    """LSQ/QuantSR activation quantizer, one step ``α_b`` per candidate bit (docs/methods.md §2.3).
 
     For each sample ``i`` with selected bit-width ``b_i`` (from the :class:`BitContext`)::
 
@@ -201,7 +201,13 @@ class GDQActQuantizer(nn.Module):
     own ``α``, ``Qn``, ``Qp``: one elementwise pass, bit-for-bit the value of
     :func:`~lowbitsr.quant.functional.lsq_fake_quant` on that sample at ``b_i``. ``α_b`` gets the
     LSQ gradient scale ``1 / sqrt(numel_b * Qp_b)`` with ``numel_b`` the elements quantized at
-    ``b`` in this batch (official: the whole batch, since it evaluates every quantizer on it).
+    ``b`` in this batch.
+
+    Official mode reproduces the released ``grad_scale``: the step used in the forward pass is
+    ``(α - α s) + α s`` (which can be one ulp away from ``α``; the codes do not change, the
+    outputs move by about 1e-7 relative), the gradient scale is ``s``, and ``s = 1 /
+    math.sqrt(numel * Qp_b)`` is a Python float with ``numel`` the whole batch (the released
+    code evaluates every quantizer on it); see :meth:`_official_scales`.
 
     Lazy initialisation (first training forward): signed iff the input has values below
     ``-1e-5``, then ``α_b = 2 mean|x| / sqrt(Qp_b)`` for every candidate ``b``.
@@ -209,7 +215,7 @@ class GDQActQuantizer(nn.Module):
     Args:
         channels: input channels (for the per-channel shift ``[1, C, 1, 1]``).
         candidates: sorted candidate bit-widths (e.g. ``(4, 5, 6, 8)``).
-        official: compat mode (shift unused, whole-batch gradient scale).
+        official: compat mode (shift unused, the released step and gradient scale).
 
     Shapes: ``[N, C, H, W] -> [N, C, H, W]``, same dtype.
     """
@@ -233,6 +239,9 @@ class GDQActQuantizer(nn.Module):
         self._needs_init = True
         self._signed = False
         self._set_ranges(False)
+        # Official mode: cache of the released gradient scales (see _official_scales).
+        self._scales_key: tuple[Any, ...] | None = None
+        self._scales = torch.zeros(0)
 
     def _set_ranges(self, signed: bool) -> None:
         self._signed = signed
@@ -243,7 +252,7 @@ class GDQActQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """LSQ init from a batch ``x`` (the layer input, shift included): METHODS §2.3."""
+        """LSQ init from a batch ``x`` (the layer input, shift included): docs/methods.md §2.3."""
         signed = bool((x.min() < -1e-5).item())  # once, at calibration: a host sync is fine here
         for j, b in enumerate(self.candidates):
             self.alpha[j] = lsq_init_alpha(x, b, signed)[0]
@@ -273,13 +282,34 @@ class GDQActQuantizer(nn.Module):
         bshape = (n,) + (1,) * (x.dim() - 1)
         qn = self._qn[sel].to(x.dtype).view(bshape)
         qp = self._qp[sel].to(x.dtype)
-        # LSQ gradient scale g = 1 / sqrt(numel * Qp) with the numel this bit's quantizer saw.
-        per_sample = x[0].numel()
-        count = torch.full_like(qp, float(n)) if self.official else counts[sel].to(x.dtype)
-        g = torch.rsqrt(count * per_sample * qp)
-        alpha = _ScaleGradPerSample.apply(self.alpha[sel].to(x.dtype), g).view(bshape)
+        alpha = self.alpha[sel].to(x.dtype)
+        if self.official:
+            # The released grad_scale: forward value (a - a s) + a s (can be one ulp away
+            # from a), gradient s, with s = 1 / sqrt(numel * Qp) of the whole batch.
+            a_s = alpha * self._official_scales(x.numel(), x)[sel]
+            alpha = ((alpha - a_s).detach() + a_s).view(bshape)
+        else:
+            # LSQ gradient scale g = 1 / sqrt(numel * Qp) with the numel this bit quantized.
+            g = torch.rsqrt(counts[sel].to(x.dtype) * x[0].numel() * qp)
+            alpha = _ScaleGradPerSample.apply(alpha, g).view(bshape)
         q = quantsr_round(torch.clamp(x / alpha, -qn, qp.view(bshape))) * alpha
         return q * y.gather(1, sel[:, None]).to(x.dtype).view(bshape)
+
+    def _official_scales(self, numel: int, like: Tensor) -> Tensor:
+        """``[B]`` released LSQ gradient scales ``1 / math.sqrt(numel * Qp_b)``.
+
+        Computed as Python floats from the exact integer ``numel * Qp_b``, as the released code
+        does, then rounded once to ``like``'s dtype (what its ``alpha * s`` does with the
+        Python scalar). A float32 ``rsqrt`` of the product can be one ulp away from that.
+        Cached for the last ``(numel, signedness, dtype, device)``.
+        """
+        key = (numel, self._signed, like.dtype, like.device)
+        if self._scales_key != key:
+            qps = [2 ** (b - 1) - 1 if self._signed else 2**b - 1 for b in self.candidates]
+            scales = [1.0 / math.sqrt(numel * qp) for qp in qps]
+            self._scales = torch.tensor(scales, dtype=like.dtype, device=like.device)
+            self._scales_key = key
+        return self._scales
 
     def extra_repr(self) -> str:
         if self._needs_init:
@@ -296,11 +326,12 @@ class GDQActQuantizer(nn.Module):
 class GDQConv2d(nn.Conv2d):
     """Conv2d with Granular-DQ quantization: per-sample activation bits, 8-bit LSQ weights.
 
-    METHODS §2.3. The input goes through :class:`GDQActQuantizer` at the bit-width the
+    docs/methods.md §2.3. The input goes through :class:`GDQActQuantizer` at the bit-width the
     :class:`BitContext` selected for each sample; the weight through
     :func:`~lowbitsr.quant.functional.lsq_fake_quant` (signed, ``w_bits``, one learnable step
-    ``w_alpha`` initialised to ``2 mean|w| / sqrt(Qp)``, official ``2 max|w| / sqrt(Qp)``).
-    Bias stays float.
+    ``w_alpha`` initialised to ``2 mean|w| / sqrt(Qp)``, official ``2 max|w| / sqrt(Qp)``; in
+    official mode the step enters the forward pass in the released ``grad_scale`` form, see
+    ``lsq_fake_quant(official=True)``). Bias stays float.
 
     BitOPs contract (:func:`lowbitsr.quant.bitops.count_bitops`): ``w_bits`` is an int and
     ``a_bits`` the ``[N]`` per-sample bit-widths of the current forward (None outside it).
@@ -361,7 +392,9 @@ class GDQConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         xq = self.act_quant(x, self.ctx)
-        wq = lsq_fake_quant(self.weight, self.w_alpha, self.w_bits, signed=True)
+        wq = lsq_fake_quant(
+            self.weight, self.w_alpha, self.w_bits, signed=True, official=self.official
+        )
         return self._conv_forward(xq, wq, self.bias)
 
     def extra_repr(self) -> str:
@@ -378,7 +411,7 @@ class GDQConv2d(nn.Conv2d):
 
 
 class GranularityBitController(nn.Module):
-    """Granularity-Bit Controller, METHODS §2.1: head features -> one bit choice per patch.
+    """Granularity-Bit Controller, docs/methods.md §2.1: head features -> one bit choice per patch.
 
     ::
 
@@ -434,7 +467,7 @@ class GranularityBitController(nn.Module):
 
 
 def patch_entropy(lr: Tensor, *, official: bool = False) -> Tensor:
-    """Soft-histogram grey-level entropy of each LR patch, METHODS §2.2 (E2B).
+    """Soft-histogram grey-level entropy of each LR patch, docs/methods.md §2.2 (E2B).
 
     ::
 
@@ -513,7 +546,7 @@ def quantile_curve_cdf(curve: Tensor, values: Tensor) -> Tensor:
 
 
 class EntropyToBit(nn.Module):
-    """E2B with adaptive threshold calibration, METHODS §2.2.
+    """E2B with adaptive threshold calibration, docs/methods.md §2.2.
 
     A patch the GBC sent to its highest bit-width is re-assigned by its entropy ``H``:
     ``H <= H_t1 -> e2b_bits[0]``, ``H_t1 < H <= H_t2 -> e2b_bits[1]``, ``H > H_t2 ->
@@ -526,9 +559,11 @@ class EntropyToBit(nn.Module):
         t <- gamma t + (1 - gamma) mean(Norm(H))          for t in (t1, t2)
         default: Norm = min-max over the batch's patches (all of them; a batch whose
                  entropies are all equal leaves t unchanged); thresholds = curve(t)
-        official: Norm(H) = (H - 1.2) / 2.2, one update per GBC-8-bit patch in batch order,
-                 each patch judged with the thresholds right after its own update, and
-                 thresholds = curve(round_half_up(t, 0.1) clamped to [0.05, 1]). (The
+        official: Norm(H) = (H - 1.2) / 2.2, one update per GBC-8-bit patch in batch order
+                 (the recurrence itself, in the levels' float32, as released), each patch
+                 judged with the thresholds right after its own update, and thresholds =
+                 curve(round_half_up(t, 0.1) clamped to [0.05, 1]), rounding the exact value
+                 of the float32 t (0.45f = 0.4499999881 reads the 0.4 level). (The
                  released table stops at the 99.5 % level, so a level rounded to 1.0 crashes
                  there; here it reads the curve's top, the largest training entropy.)
 
@@ -620,9 +655,20 @@ class EntropyToBit(nn.Module):
         self._has_curve = bool(torch.isfinite(self.curve).all())
 
     def _curve_at(self, levels: Tensor) -> Tensor:
+        """The thresholds at ``levels`` (any shape ``[..., 2]``), dtype of the curve.
+
+        Official: the released look-up rounds the level's exact decimal value half up to one
+        decimal (``Decimal(str(t))``; no ties occur for binary floats), clamps it to
+        ``[0.05, 1]`` and reads the table there. For a float32 level this is exact in float64:
+        ``t * 10`` is exact and ``t * 10 + 0.5`` is never within rounding of an integer. (In
+        float32, ``t * 10 + 0.5`` rounds up for levels just below ``.x5``: 0.45f would read
+        0.5 and 0.95f the top of the curve instead of 0.9.) The read is done in float64 as
+        well, so a level ``k / 10`` hits its grid point exactly.
+        """
         if self.official:
-            # ROUND_HALF_UP to one decimal, clamped to [0.05, 1], as the released lookup does.
-            levels = (torch.floor(levels * 10 + 0.5) / 10).clamp(0.05, 1.0)
+            lv = levels.to(torch.float64)
+            lv = (torch.floor(lv * 10 + 0.5) / 10).clamp(0.05, 1.0)
+            return interp_quantile_curve(self.curve.to(torch.float64), lv).to(self.curve.dtype)
         return interp_quantile_curve(self.curve, levels)
 
     # ---- forward ------------------------------------------------------------------------
@@ -671,16 +717,21 @@ class EntropyToBit(nn.Module):
             self.levels.copy_(torch.where(span > 0, new, t0))
             self.thresholds.copy_(self._curve_at(self.levels))
             return self.thresholds.expand(h.shape[0], 2)
-        # Official: sequential EMA over the top patches in batch order, in closed form.
-        # After the c-th update t_c = g^c (t0 + (1 - g) * sum_{i <= c} g^{-i} x_i).
+        # Official: the released recurrence t <- t g + (1 - g) x, one update per top patch in
+        # batch order, in the levels' dtype with the same operations (a closed form drifts from
+        # it: its rounding error is biased and grows with the number of updates). torch.where
+        # keeps the loop free of host synchronisation.
         x = (hf - _OFFICIAL_ATC_SHIFT) / _OFFICIAL_ATC_SCALE
-        m = top.to(t0.dtype)
-        c = torch.cumsum(m, dim=0)
-        s = torch.cumsum(m * x * torch.pow(g, -c), dim=0)
-        t = torch.pow(g, c)[:, None] * (t0[None, :] + (1 - g) * s[:, None])  # [N, 2]
-        self.levels.copy_(t[-1])
+        t = t0.clone()
+        rows = []
+        for i in range(x.shape[0]):
+            t = torch.where(top[i], t * g + (1 - g) * x[i], t)
+            rows.append(t)
+        self.levels.copy_(t)
         self.thresholds.copy_(self._curve_at(self.levels))
-        return self._curve_at(t)
+        if not rows:
+            return self.thresholds.expand(0, 2)
+        return self._curve_at(torch.stack(rows))  # [N, 2]: after each patch's own update
 
     def extra_repr(self) -> str:
         thr = (
@@ -716,7 +767,7 @@ class GranularBitController(nn.Module):
     Then, if E2B is on (not for ``"fixed"``), patches at the highest GBC bit-width are re-assigned
     by :class:`EntropyToBit` among ``e2b_bits``. The final ``y`` over the sorted candidates is
     ``y_gbc @ M`` with the top column moved by E2B (``y + y_top * (r - e_top)``), so the
-    gradient of the selected entry reaches the GBC logit of its GBC choice (METHODS §2.1).
+    gradient of the selected entry reaches the GBC logit of its GBC choice (docs/methods.md §2.1).
 
     Args:
         channels: head feature channels C.

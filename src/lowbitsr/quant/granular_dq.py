@@ -1,4 +1,4 @@
-"""Granular-DQ: patch-wise, layer-invariant dynamic quantization (METHODS §2).
+"""Granular-DQ: patch-wise, layer-invariant dynamic quantization (docs/methods.md §2).
 
 Wang et al., "Thinking in Granularity: Dynamic Quantization for Image Super-Resolution by
 Intriguing Multi-Granularity Clues", AAAI 2025 (arXiv 2409.14330).
@@ -18,8 +18,8 @@ table (E2B thresholds from the training set); tiled inference; the training reci
 What the swap does (:func:`quantize_granular_dq`): the body's convs (EDSR residual blocks, RDN
 residual dense blocks, SRResNet residual blocks) become :class:`~.gdq_layers.GDQConv2d`; the head
 conv is wrapped so that its output ``Z1`` feeds the bit controller; head, upsampler, tail and the
-convs between blocks stay float (METHODS §2.3). The float model's own ``forward_features`` runs
-unchanged inside :class:`GranularDQModel`.
+convs between blocks stay float (docs/methods.md §2.3). The float model's own
+``forward_features`` runs unchanged inside :class:`GranularDQModel`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ __all__ = [
 
 _GATES = ("learned", "random", "fixed")
 _COMPATS = ("default", "official")
-#: ATC decay: ours (METHODS §2.2) and the released code's.
+#: ATC decay: ours (docs/methods.md §2.2) and the released code's.
 DEFAULT_ATC_GAMMA = 0.9997
 OFFICIAL_ATC_GAMMA = 0.99997
 
@@ -112,7 +112,7 @@ def _float_tuple(key: str, value: Any, length: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class GranularDQConfig:
-    """Granular-DQ quantization config (METHODS §2); validated on construction.
+    """Granular-DQ quantization config (docs/methods.md §2); validated on construction.
 
     Attributes:
         gbc_bits: GBC candidate bit-widths, increasing (paper: 4, 6, 8).
@@ -134,7 +134,9 @@ class GranularDQConfig:
         use_atc: adapt the E2B thresholds during the first epoch.
         compat: ``"default"`` (paper intent) or ``"official"`` (released-code numerics: no GBC
             GroupNorm, no gate gradient, Gumbel noise at eval, shift unused, max-based weight
-            init, official ATC, top-left-square entropy).
+            init, official ATC (the per-patch float32 recurrence, levels rounded half up from
+            their exact value), top-left-square entropy, the released LSQ ``grad_scale`` step
+            form for activations and weights).
         tile: LR tile size of tiled inference (§2.4).
         tile_step: step between tiles (``<= tile``).
     """
@@ -341,7 +343,7 @@ def _arch_spec(net: nn.Module) -> tuple[str, _ArchSpec]:
 
 
 class _HeadTap(nn.Module):
-    """The float head, plus a call of the bit controller on its output ``Z1`` (METHODS §2.1).
+    """The float head, then the bit controller on its output ``Z1`` (docs/methods.md §2.1).
 
     The controller is owned by :class:`GranularDQModel`; it is referenced here without being
     registered, so it appears once in ``state_dict`` and ``print(model)``.
@@ -502,7 +504,7 @@ class GranularDQModel(nn.Module):
 def quantize_granular_dq(
     model: nn.Module, config: GranularDQConfig | Mapping[str, Any], *, inplace: bool = False
 ) -> GranularDQModel:
-    """Quantize a float EDSR / RDN / SRResNet with Granular-DQ by module swap (METHODS §2.3).
+    """Quantize a float EDSR / RDN / SRResNet with Granular-DQ (module swap, docs/methods.md §2.3).
 
     Quantized (:class:`~.gdq_layers.GDQConv2d`): EDSR residual blocks' two convs; RDN residual
     dense blocks' dense-layer convs and local fusion 1x1; SRResNet residual blocks' two convs.
@@ -571,7 +573,7 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def calibrate_granular_dq(model: GranularDQModel, lr: Tensor) -> None:
-    """LSQ lazy initialisation of every activation quantizer from one batch (METHODS §2.3).
+    """LSQ lazy initialisation of every activation quantizer from one batch (docs/methods.md §2.3).
 
     Runs one training-mode forward without gradient, with the bits forced to the largest
     candidate (initialisation covers every candidate's step from the full input, whatever the
@@ -608,7 +610,7 @@ ENTROPY_TABLE_FORMAT = "lowbitsr-entropy-table"
 
 @dataclass(frozen=True)
 class EntropyTable:
-    """Quantiles of the E2B entropy over the training LR patches (METHODS §2.2).
+    """Quantiles of the E2B entropy over the training LR patches (docs/methods.md §2.2).
 
     Attributes:
         curve: entropy quantiles (nats) at the levels ``linspace(0, 1, len(curve))``.
@@ -757,7 +759,7 @@ def _big_quantile(h: Tensor, levels: Tensor) -> Tensor:
 def build_entropy_table(
     data: Any, patch: int = 48, t1: float = 0.5, t2: float = 0.9, **kwargs: Any
 ) -> tuple[float, float]:
-    """E2B thresholds ``(H_t1, H_t2)`` from the training LR patches (METHODS §2.2).
+    """E2B thresholds ``(H_t1, H_t2)`` from the training LR patches (docs/methods.md §2.2).
 
     The ``t1``/``t2`` quantiles of :func:`patch_entropy` over every non-overlapping
     ``patch x patch`` tile of the training LR images. ``kwargs`` go to
@@ -861,7 +863,7 @@ def gdq_super_resolve(
     batched: bool = True,
     max_batch: int = 16,
 ) -> tuple[Tensor, Tensor]:
-    """Granular-DQ tiled inference (METHODS §2.4): each LR tile at its own bit-width.
+    """Granular-DQ tiled inference (docs/methods.md §2.4): each LR tile at its own bit-width.
 
     The image is split into ``tile x tile`` LR tiles every ``step`` pixels (the last row/column
     aligned to the border, so all tiles have one size). Stitching: each tile keeps its own
@@ -952,7 +954,7 @@ TABLE_PATCHES = 64
 
 
 class GranularDQRecipe(Recipe):
-    """Quantization-aware training with Granular-DQ (METHODS §2.4).
+    """Quantization-aware training with Granular-DQ (docs/methods.md §2.4).
 
     ``cfg.quant`` is the dict form of :class:`GranularDQConfig` (``{method: granular_dq, ...}``).
 
