@@ -64,8 +64,8 @@ What each part becomes
   ``lowbitsr.export`` metadata. It removes the gate ops and lets the convs next to such a layer
   become QLinearConv.
 
-- **Granular-DQ** (:class:`~lowbitsr.quant.granular_dq.GranularDQModel`, METHODS §2): one graph
-  for a batch of tiles, each tile at its own bit-width. Extra input ``bits`` (``[N]`` int64: a
+- **Granular-DQ** (:class:`~lowbitsr.quant.granular_dq.GranularDQModel`, docs/methods.md §2): one
+  graph for a batch of tiles, each tile at its own bit-width. Extra input ``bits`` (``[N]`` int64: a
   positive value forces that sample's bit-width, 0 lets the graph decide) and extra output
   ``bits_used``. The decision is in the graph for the learned gate (GBC: ceil-mode
   ``AveragePool``, GroupNorm as ``InstanceNormalization`` over groups, the adaptive pooling +
@@ -512,6 +512,10 @@ def _gdq_conv(g: _Graph, x: str, conv: GDQConv2d, name: str, attrs: dict[str, An
     (``code * alpha``, the fake-quant product); float bias."""
     with torch.no_grad():
         alpha = conv.w_alpha.detach().float()
+        if getattr(conv, "official", False):
+            # the released grad_scale form, whose forward step can be one ulp away from alpha
+            gs = 1.0 / math.sqrt(conv.weight.numel() * (2 ** (conv.w_bits - 1) - 1))
+            alpha = (alpha - alpha * gs) + alpha * gs
         wq = lsq_fake_quant(conv.weight.detach().float(), alpha, conv.w_bits, signed=True)
     if g.float_weights or conv.w_bits > 8:
         w = g.init(_f32(wq), f"{name}.weight")
@@ -804,7 +808,8 @@ def _per_sample_qdq(
 
 
 def _gate_q2(g: _Graph, x: str, bits: int, per_sample: bool, name: str) -> str:
-    """The gate's ``Q2`` (METHODS §1.3): min/max bounds, no clip, degenerate range → identity."""
+    """The gate's ``Q2`` (docs/methods.md §1.3): min/max bounds, no clip, degenerate range →
+    identity."""
     axes = [1, 2, 3] if per_sample else [0, 1, 2, 3]
     lo = g.op("ReduceMin", [x], name, axes=axes, keepdims=1)
     hi = g.op("ReduceMax", [x], name, axes=axes, keepdims=1)
