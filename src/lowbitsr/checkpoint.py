@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "peek_training_state",
     "save_model",
     "save_training_state",
+    "state_mismatch",
 ]
 
 FORMAT = "lowbitsr-model"
@@ -51,10 +52,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Created 0o666 & ~umask (mkstemp would give 0o600); kept through write(), which may
+    # recreate the file with its own mode (safetensors writes 0o600).
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -157,6 +162,33 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     return model.to(map_location).eval()
 
 
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], shown: int = 3
+) -> str:
+    """One line saying how the state dict ``found`` (e.g. a checkpoint's) differs from
+    ``expected`` (a model's): missing and unexpected keys, shapes that differ ("" if none)."""
+
+    def few(items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {list(found[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing from the checkpoint ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the model lacks ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (checkpoint vs model: {few(shapes)})")
+    return "; ".join(parts)
+
+
 def _flatten_optimizer(opt_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -240,11 +272,18 @@ def load_training_state(
     try:
         model.load_state_dict(model_state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        detail = state_mismatch(model.state_dict(), model_state) or " ".join(str(exc).split())
         raise CheckpointError(
-            f"{path}: checkpoint does not match the configured model ({first})"
+            f"{path}: checkpoint does not match the configured {type(model).__name__}: {detail}; "
+            "resume with the config the run was started with"
         ) from None
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, info["optimizer"]))
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path}: the optimizer state does not match the configured model's parameters "
+            f"({' '.join(str(exc).split())}); resume with the config the run was started with"
+        ) from None
     if scheduler is not None and info["scheduler"] is not None:
         scheduler.load_state_dict(info["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])

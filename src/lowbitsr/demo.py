@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import BundledDataset
+from .errors import LowbitsrError
 from .evaluate import Bicubic, evaluate, format_table
 from .pretrained import list_pretrained, load_pretrained, pretrained_info
 
@@ -48,7 +49,10 @@ def demo_rows(
     if scales:
         missing = [s for s in scales if s not in shipped]
         if missing:
-            raise ValueError(f"no shipped models for scale(s) {missing}; have {sorted(shipped)}")
+            raise LowbitsrError(
+                f"no shipped models for scale(s) {', '.join(map(str, missing))}; "
+                f"shipped scales: {', '.join(map(str, sorted(shipped)))}"
+            )
         shipped = {s: shipped[s] for s in scales}
     rows: list[dict[str, Any]] = []
     for scale, names in shipped.items():
@@ -90,7 +94,14 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the demo, print the table and save results/images under ``out_dir``."""
+    """Run the demo, print the table and save results/images under ``out_dir``.
+
+    Raises:
+        LowbitsrError: ``out_dir`` cannot be written (checked before anything is computed).
+    """
+    from .data.io import check_output_path
+
+    check_output_path(out_dir, folder=True, what="demo results")
     rows = demo_rows(scales, device=device, progress=progress, out_dir=out_dir)
     table = format_table(rows)
     print(

@@ -1,4 +1,4 @@
-"""Image-quality metrics with the SR papers' evaluation protocol (METHODS.md §3).
+"""Image-quality metrics with the SR papers' evaluation protocol (docs/evaluation.md §1).
 
 PSNR and SSIM are measured on the output as it would be saved, i.e. rounded to integers in
 [0, 255], converted to the luma channel Y of BT.601 YCbCr with MATLAB's ``rgb2ycbcr``
@@ -77,7 +77,7 @@ def _spatial_hw(img: ArrayOrTensor) -> tuple[int, int]:
 def match_hr_to_sr(hr: ArrayOrTensor, sr: ArrayOrTensor) -> ArrayOrTensor:
     """Crop the HR image from the bottom/right to the spatial size of the SR output.
 
-    The benchmarks compare against HR cropped to ``LR size x scale`` (METHODS.md §3); the SR
+    The benchmarks compare against HR cropped to ``LR size x scale`` (docs/evaluation.md §1); the SR
     output has exactly that size, so cropping HR to it applies the convention.
 
     Args:
@@ -133,6 +133,25 @@ def _to_nhwc_255(img: ArrayOrTensor, rgb_range: float, name: str) -> np.ndarray:
     return np.floor(np.clip(arr, 0.0, _PIXEL_MAX) + 0.5)
 
 
+_BAND = 512  # image rows per step of the banded computations (bounds their memory)
+
+
+def _is_uint8_rgb(img: ArrayOrTensor) -> bool:
+    return isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and (
+        img.shape[2] == 3
+    )
+
+
+def _uint8_to_y(img: np.ndarray, crop_border: int) -> np.ndarray:
+    """:func:`rgb_to_y` of a cropped uint8 ``H x W x 3`` image as ``1 x h x w x 1`` float64."""
+    h, w = img.shape[:2]
+    view = img[crop_border : h - crop_border, crop_border : w - crop_border]
+    out = np.empty(view.shape[:2], dtype=np.float64)
+    for r in range(0, view.shape[0], _BAND):
+        out[r : r + _BAND] = rgb_to_y(view[r : r + _BAND])
+    return out[None, ..., None]
+
+
 def _prepare(
     sr: ArrayOrTensor,
     hr: ArrayOrTensor,
@@ -147,6 +166,16 @@ def _prepare(
     crop_border = int(crop_border)
     if not (rgb_range > 0 and math.isfinite(rgb_range)):
         raise ValueError(f"rgb_range must be a finite number > 0, got {rgb_range}")
+    if test_y_channel and _is_uint8_rgb(sr) and _is_uint8_rgb(hr) and sr.shape == hr.shape:
+        # Already rounded: Y straight from the 8-bit values, a band of rows at a time (a float64
+        # copy of both RGB images would cost 48 bytes a pixel).
+        a, b = _uint8_to_y(sr, crop_border), _uint8_to_y(hr, crop_border)
+        if a.shape[1] < min_size or a.shape[2] < min_size:
+            raise ValueError(
+                f"image of shape {tuple(sr.shape)} is too small: after cropping {crop_border} "
+                f"pixels per border it must be at least {min_size}x{min_size}"
+            )
+        return a, b
     a = _to_nhwc_255(sr, rgb_range, "sr")
     b = _to_nhwc_255(hr, rgb_range, "hr")
     if a.shape != b.shape:
@@ -230,7 +259,22 @@ def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def _ssim_2d(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
-    """Mean SSIM of two float64 ``H x W`` images in [0, 255] (Wang et al. 2004, eq. 13)."""
+    """Mean SSIM of two float64 ``H x W`` images in [0, 255] (Wang et al. 2004, eq. 13).
+
+    The map is computed ``_BAND`` rows at a time (each band reads ``window - 1`` more rows), so
+    memory stays at a dozen bands instead of a dozen images.
+    """
+    k = g.size
+    rows, cols = x.shape[0] - k + 1, x.shape[1] - k + 1
+    total = 0.0
+    for r in range(0, rows, _BAND):
+        end = min(r + _BAND, rows)
+        total += float(_ssim_map(x[r : end + k - 1], y[r : end + k - 1], g).sum())
+    return total / (rows * cols)
+
+
+def _ssim_map(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """SSIM map ('valid' part) of two float64 ``H x W`` images in [0, 255]."""
     c1 = (_SSIM_K1 * _PIXEL_MAX) ** 2
     c2 = (_SSIM_K2 * _PIXEL_MAX) ** 2
     mu_x = _filter_valid(x, g)
@@ -240,10 +284,9 @@ def _ssim_2d(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
     var_x = _filter_valid(x * x, g) - mu_xx
     var_y = _filter_valid(y * y, g) - mu_yy
     cov_xy = _filter_valid(x * y, g) - mu_xy
-    ssim_map = ((2.0 * mu_xy + c1) * (2.0 * cov_xy + c2)) / (
+    return ((2.0 * mu_xy + c1) * (2.0 * cov_xy + c2)) / (
         (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
     )
-    return float(ssim_map.mean())
 
 
 def ssim(

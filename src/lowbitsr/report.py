@@ -1430,8 +1430,7 @@ def build_report(
     records, notes = load_eval_results(inputs)
     ds_over = _parse_pairs([d for d in dataset or [] if "=" in d], "--dataset")
     ds_all = next((d for d in reversed(dataset or []) if "=" not in d), None)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(output)  # before any figure is drawn
     o = _Opts(
         out=out,
         doc=_Doc(out),
@@ -1493,6 +1492,23 @@ def build_report(
         ]
     )
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(o.doc.markdown(), encoding="utf-8")
-    html_path.write_text(o.doc.html(title), encoding="utf-8")
+    try:
+        md_path.write_text(o.doc.markdown(), encoding="utf-8")
+        html_path.write_text(o.doc.html(title), encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"{exc.filename or out}: cannot write the report ({exc})") from exc
     return ReportResult(md_path, html_path, o.figures, notes)
+
+
+def _output_dir(output: str | Path) -> Path:
+    """The report folder, created; :class:`ReportError` when it cannot be written."""
+    from .data.io import check_output_path
+
+    try:
+        out = check_output_path(output, folder=True, what="report")
+        out.mkdir(parents=True, exist_ok=True)
+    except LowbitsrError as exc:
+        raise ReportError(str(exc)) from exc
+    except OSError as exc:
+        raise ReportError(f"{output}: cannot create the report folder ({exc})") from exc
+    return out

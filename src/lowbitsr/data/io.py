@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ImageError
+from ..errors import ImageError, LowbitsrError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "WRITE_SUFFIXES",
+    "check_output_path",
     "image_to_tensor",
     "read_image",
     "tensor_to_image",
@@ -40,8 +42,13 @@ _WRITE_FORMATS = {
     ".tiff": "TIFF",
 }
 
+#: File name suffixes (lower case) :func:`write_image` can write.
+WRITE_SUFFIXES: tuple[str, ...] = tuple(sorted(_WRITE_FORMATS))
+
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
-_CONVERT_HINT = "pass convert=True (CLI --convert)"
+# Advice for library users; the command line shows its own flag instead (lowbitsr.cli).
+_CONVERT_HINT = "pass convert=True"
+_MAX_PIXELS_HINT = "raise max_pixels"
 
 
 def _is_16bit(im: Image.Image) -> bool:
@@ -194,7 +201,7 @@ def read_image(
                 raise ImageError(
                     f"{path}: image header says {width}x{height} = {width * height} pixels, more "
                     f"than max_pixels={max_pixels} (possible decompression bomb); "
-                    "downscale the image or raise max_pixels"
+                    f"downscale the image or {_MAX_PIXELS_HINT}"
                 )
             sixteen = _is_16bit(im)
             try:
@@ -248,6 +255,8 @@ def write_image(path: str | os.PathLike[str], img: np.ndarray) -> Path:
         ValueError: ``img`` is not an ``H x W x 3`` finite numeric array.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder; give an image file name, e.g. {path / 'image.png'}")
     fmt = _WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ImageError(
@@ -273,6 +282,66 @@ def write_image(path: str | os.PathLike[str], img: np.ndarray) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    folder: bool = False,
+    suffixes: tuple[str, ...] | None = None,
+    what: str = "output",
+    example: str | None = None,
+) -> Path:
+    """Check, before any work, that ``path`` can be written; creates nothing.
+
+    The nearest existing ancestor must be a folder the process may write in; a file path must
+    not be an existing folder (and must end in one of ``suffixes`` when given); a folder path
+    must not be an existing file.
+
+    Args:
+        path: the file (or, with ``folder``, the folder) about to be written.
+        folder: ``path`` is a folder that will hold the outputs.
+        suffixes: allowed lower-case suffixes of a file path (e.g. :data:`WRITE_SUFFIXES`).
+        what: what the path is for, used in the messages (e.g. ``"ONNX file"``).
+        example: a file name suggested when ``path`` is an existing folder (default
+            ``name`` plus the first of ``suffixes``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path` (``~`` expanded).
+
+    Raises:
+        LowbitsrError: the path cannot be written; the message names it and says what to give.
+    """
+    p = Path(path).expanduser()
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise LowbitsrError(f"{p}: is a file, not a folder; give a folder for the {what}")
+    else:
+        if p.is_dir():
+            name = example or f"name{(suffixes or ('',))[0]}"
+            raise LowbitsrError(
+                f"{p}: is a folder; give a file name for the {what}, e.g. {p / name}"
+            )
+        if suffixes is not None and p.suffix.lower() not in suffixes:
+            raise LowbitsrError(
+                f"{p}: cannot tell the {what} format from suffix {p.suffix!r}; "
+                f"use one of {', '.join(suffixes)}"
+            )
+    ancestor = p if folder and p.is_dir() else p.parent
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LowbitsrError(
+            f"{p}: cannot write the {what} there, {ancestor} is a file, not a folder"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LowbitsrError(
+            f"{p}: cannot write the {what}, no permission to write in {ancestor}; "
+            "choose another folder"
+        )
+    if not folder and p.exists() and not os.access(p, os.W_OK):
+        raise LowbitsrError(f"{p}: cannot overwrite it, no write permission; choose another name")
+    return p
 
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:

@@ -28,7 +28,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_write
 from ..errors import CheckpointError
 from .edsr import edsr_keys_from_basicsr, is_basicsr_edsr
 
@@ -333,13 +333,5 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         # a non-JSON override only loses this convenience copy, not the weights
         with contextlib.suppress(TypeError, ValueError):
             metadata["lowbitsr.model_config"] = json.dumps(dict(cfg), sort_keys=True)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(p, lambda t: save_file(tensors, str(t), metadata=metadata))
     return p
