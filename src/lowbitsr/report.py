@@ -817,8 +817,15 @@ class _Renderer:
             )
         rgb_range = float(getattr(model, "model_config", {}).get("rgb_range", 255.0))
         tile = int(rec.info.get("tile", 0) or 0)
+        overlap = rec.info.get("overlap")  # as eval ran it (None: the model's receptive field)
         img = upscale_image(
-            model, lr, rec.scale, tile=tile, device=self.device, rgb_range=rgb_range
+            model,
+            lr,
+            rec.scale,
+            tile=tile,
+            overlap=overlap if isinstance(overlap, int) else None,
+            device=self.device,
+            rgb_range=rgb_range,
         )
         return _SR(img, source="re-computed")
 
