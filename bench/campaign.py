@@ -375,6 +375,17 @@ class Campaign:
             self.release(name)
 
     def run(self) -> None:
+        # import every module a run needs now, so a long campaign keeps one consistent code
+        # version even if the source tree changes while it runs
+        import lowbitsr.checkpoint
+        import lowbitsr.data
+        import lowbitsr.evaluate
+        import lowbitsr.pretrained
+        import lowbitsr.quant
+        import lowbitsr.quant.granular_dq
+        import lowbitsr.quant.recipes
+        import lowbitsr.train  # noqa: F401
+
         self.train_teacher()
         self.reference_results()
         todo = self.run_names()
