@@ -179,7 +179,7 @@ class Campaign:
                 "lr": spec.get("lr", 1e-4),
                 "lr_step": max(1, it // 2),
                 "lr_gamma": 0.5,
-                "val_every": max(1, it // 6),
+                "val_every": max(1, it // 4),
                 "checkpoint_every": max(1, min(50, it // 6)),
                 "num_workers": 0,
             },
