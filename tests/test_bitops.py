@@ -1,4 +1,4 @@
-"""BitOPs and FAB (METHODS §2.4): hand-counted convs, the w_bits/a_bits contract, FAB of FP."""
+"""BitOPs and FAB (docs/evaluation.md §4, §5): hand-counted convs, w_bits/a_bits, FAB of FP."""
 
 from __future__ import annotations
 

@@ -213,7 +213,7 @@ def _record_io(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
 
 
 def test_quantizer_wiring_follows_methods_1_5() -> None:
-    """Check the data flow of each block against METHODS §1.5 with forward hooks."""
+    """Check the data flow of each block against docs/methods.md §1.5 with forward hooks."""
     x = lr_batches(1, seed=17)[0]
     # EDSR: r = QA1(x); h = QConv1(x); h = QA2(relu(h)); out = QA3(QConv2(h) * rs) + r
     q = ddtb_model("edsr")

@@ -89,7 +89,7 @@ def test_asym_hand_example_k2(dtype: torch.dtype) -> None:
 
 
 def _spec_asym(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, k: int) -> torch.Tensor:
-    """METHODS §1.1 written out line by line (forward only), as the official code does it."""
+    """docs/methods.md §1.1 written out line by line (forward only), as the official code does."""
     a = torch.max(torch.min(x, upper), lower)
     n = 2**k - 1
     s = n / (upper - lower)
@@ -194,7 +194,7 @@ def test_asym_per_sample_bounds_give_each_sample_its_own_grid() -> None:
 def _asym_closed_form(
     x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int, go: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of METHODS §1.1 (no exact ties): returns (dx, dlower, dupper)."""
+    """Gradients of docs/methods.md §1.1 (no exact ties): returns (dx, dlower, dupper)."""
     with torch.no_grad():
         a = torch.max(torch.min(x, upper), lower)
         out = F.asym_fake_quant(x, lower, upper, bits)

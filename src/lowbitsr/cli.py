@@ -253,7 +253,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import train
+    from .errors import ConfigError
+    from .train import check_model_config, train
 
     overrides = list(args.set or [])
     if args.output_root:
@@ -261,7 +262,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.require_quant and not cfg.quant:
         raise LowbitsrError(f"{args.config}: 'lowbitsr quantize' needs a 'quant:' section")
-    res = train(cfg, resume=args.resume, device=args.device, progress=not args.quiet)
+    try:
+        check_model_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
+    res = train(
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+    )
     print(
         json.dumps({"run_dir": str(res.run_dir), "step": res.step, "best_val_psnr": res.best_psnr})
     )
@@ -381,6 +392,34 @@ def _gdq_upscale(model: Any, img: Any, scale: int, device: str) -> tuple[Any, An
 _PNG = "image.png"  # the file name suggested when an image output names a folder
 
 
+def _refuse_overwriting_inputs(pairs: list[tuple[Path, Path]], bitmap: str | None) -> None:
+    """Raise, before any work, when an output image (or ``--bitmap`` file) of ``upscale`` is one
+    of its input images: the same path, another spelling of it (``./in.png``) or a link to it."""
+
+    def identity(p: Path) -> tuple[int, int] | None:
+        try:
+            st = p.stat()  # follows symbolic links
+        except OSError:
+            return None  # not there (yet): cannot be an input
+        return st.st_dev, st.st_ino
+
+    inputs = {identity(f): f for f, _ in pairs}
+    inputs.pop(None, None)
+    outputs = [(out, "output") for _, out in pairs]
+    if bitmap:
+        one = len(pairs) == 1
+        bitmaps = [Path(bitmap)] if one else [o.with_suffix(".bits.png") for o, _ in outputs]
+        outputs += [(b, "--bitmap") for b in bitmaps]
+    for out, what in outputs:
+        src = inputs.get(identity(out))
+        if src is not None:
+            same = "" if str(out) == str(src) else f" (the input image {src})"
+            raise LowbitsrError(
+                f"{out}: is an input image{same}; refusing to overwrite it, "
+                f"give another {what} path"
+            )
+
+
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -430,6 +469,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         check_output_path(dst, suffixes=WRITE_SUFFIXES, what="upscaled image", example=_PNG)
         if args.bitmap:
             check_output_path(args.bitmap, suffixes=WRITE_SUFFIXES, what="bit map", example=_PNG)
+    _refuse_overwriting_inputs(pairs, args.bitmap)
     failed: list[tuple[Path, str]] = []
     for f, out in tqdm(pairs, desc="upscale", disable=args.quiet or len(pairs) == 1):
         try:
@@ -544,7 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config key, e.g. --set train.iterations=100 (repeatable)",
         )
-        t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+        t.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run from its checkpoint; only train.* schedule keys (iterations, "
+            "lr, ...) may differ from the run's config, and they apply from there on",
+        )
+        t.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an earlier run of the same name (its checkpoints, log and models); "
+            "without --resume or --overwrite an existing run is refused",
+        )
         t.add_argument("--output-root", default=None, help="override output_root")
         t.add_argument("--device", default="cpu")
         t.add_argument("--quiet", action="store_true")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,12 @@ __all__ = [
 ]
 
 
+def _require(key: str, value: Any, ok: bool, want: str) -> None:
+    """Raise :class:`ConfigError` naming the dotted ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': must be {want}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which float architecture to build and where its starting weights come from.
@@ -62,6 +69,9 @@ class ModelConfig:
     scale: int = 4
     overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
+
+    def __post_init__(self) -> None:
+        _require("model.scale", self.scale, self.scale >= 1, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,24 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse values that would make the run meaningless (e.g. ``iterations: -5`` trains
+        nothing and still writes a model) or crash it later (``checkpoint_every: 0``)."""
+        for key in ("iterations", "batch_size", "checkpoint_every", "log_every", "max_nonfinite"):
+            v = getattr(self, key)
+            _require(f"train.{key}", v, v >= 1, "a positive integer")
+        for key in ("lr_step", "val_every", "num_workers", "val_tile"):
+            v = getattr(self, key)
+            _require(f"train.{key}", v, v >= 0, "an integer >= 0 (0 = off)")
+        for key in ("lr", "lr_gamma"):
+            v = getattr(self, key)
+            _require(f"train.{key}", v, math.isfinite(v) and v > 0, "a positive number")
+        for key in ("weight_decay", "grad_clip"):
+            v = getattr(self, key)
+            _require(f"train.{key}", v, math.isfinite(v) and v >= 0, "a number >= 0")
+        ok = all(0 <= b < 1 for b in self.betas)  # False for NaN too
+        _require("train.betas", list(self.betas), ok, "two numbers in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -269,11 +297,23 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+#: sections a config *file* must have (``load_config(None, ...)`` starts from defaults)
+REQUIRED_SECTIONS = ("model", "data")
+SECTION_WHAT = {
+    "model": "model to train (model: {name: ..., scale: ...})",
+    "data": "data to train on (data: {train: {...}, val: {...}})",
+}
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load an experiment YAML (or start from defaults when ``path`` is None), apply overrides.
 
+    A file must have the ``model:`` and ``data:`` sections (an empty file or one without them
+    would silently train the default model on the default data); other keys default.
+
     Raises:
-        ConfigError: missing/unparsable file, unknown key or wrong type (key named).
+        ConfigError: missing/empty/unparsable file, missing section, unknown key, wrong type or
+            out-of-range value (file and key named).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -285,16 +325,27 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(
+                f"{p}: the config file is empty; an experiment needs at least "
+                f"{' and '.join(f'{s}:' for s in REQUIRED_SECTIONS)} sections (see configs/)"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         data = loaded
     apply_overrides(data, overrides)
     try:
-        return from_dict(ExperimentConfig, data)
+        cfg = from_dict(ExperimentConfig, data)
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+    missing = [s for s in REQUIRED_SECTIONS if s not in data]
+    if path is not None and missing:
+        # defaults exist for library use, but a file that forgets a section must not train on them
+        raise ConfigError(
+            f"{path}: no '{missing[0]}:' section; a config file must say which "
+            f"{SECTION_WHAT[missing[0]]} (see configs/ for examples)"
+        )
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -3,7 +3,7 @@
 The SR benchmarks (Set5, Set14, B100, Urban100, Manga109, DIV2K) were made by downsampling the HR
 images with MATLAB's ``imresize(hr, 1/s, 'bicubic')``. Other resamplers (PIL, OpenCV, torch)
 use a different kernel, no antialiasing or different boundary handling, which shifts PSNR by
-tenths of a dB, so LR images must be made exactly this way (METHODS.md §3).
+tenths of a dB, so LR images must be made exactly this way (docs/evaluation.md §2).
 
 The algorithm, per axis (MATLAB's ``contributions``/``resizeAlongDim``):
 

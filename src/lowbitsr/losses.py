@@ -1,6 +1,6 @@
 """Training losses: pixel L1 and PAMS/DDTB structured knowledge transfer (attention transfer).
 
-METHODS §1.6: ``loss = L1(sr, hr) + 1000 * AT(feat_student, feat_teacher)`` with
+docs/methods.md §1.6: ``loss = L1(sr, hr) + 1000 * AT(feat_student, feat_teacher)`` with
 ``AT(a, b) = mean((f(a) - f(b))**2)``, where ``f(t)`` is the channel mean of ``t**2`` flattened
 per sample and L2-normalised (Zagoruyko & Komodakis' attention map, as used by PAMS).
 """

@@ -14,7 +14,7 @@ float32 holding integer values in ``[0, 255]``.
 
 When a pair has no LR file, the LR image is made from the HR image with MATLAB-compatible
 bicubic downsampling (:func:`lowbitsr.imresize.imresize`) after cropping the HR image to a
-multiple of the scale, exactly how the benchmark LR images were made (METHODS.md §3).
+multiple of the scale, exactly how the benchmark LR images were made (docs/evaluation.md §2).
 """
 
 from __future__ import annotations

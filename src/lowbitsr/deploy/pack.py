@@ -9,7 +9,7 @@ key                                   content
                                       (``<param>`` is its state-dict key, e.g.
                                       ``body.0.body.2.weight``; the DDTB gates' 1×1 ternary convs
                                       too), bit-packed as described below
-``<param>.scale``                     float32 ``[1]``: ``s`` (asym: levels per unit, METHODS §1.1)
+``<param>.scale``                     float32 ``[1]``: ``s`` (asym: 1/step, docs/methods.md §1.1)
                                       or ``m`` (sym: the max-abs, §1.2 / §1.8)
 ``<param>.zero_point``                float32 ``[1]``, integer-valued: ``zp`` (asym only)
 any other state-dict key              as in the model: float32 (biases, activation bounds
@@ -20,7 +20,7 @@ any other state-dict key              as in the model: float32 (biases, activati
 
 Weight codes (per tensor, exactly the quantizer of the fake-quant model):
 
-- ``asym`` (DDTB body convs, METHODS §1.2): ``w = (q + zp) / s`` with ``q`` in
+- ``asym`` (DDTB body convs, docs/methods.md §1.2): ``w = (q + zp) / s`` with ``q`` in
   ``[-2**(k-1), 2**(k-1) - 1]`` (``2**(k-1)`` can also occur in ``compat="official"``, whose codes
   are not clamped: the layer is then packed at ``k + 1`` bits, ``pack_bits`` in the header);
 - ``sym`` (PAMS convs, §1.8, and the DDTB gates' ternary convs, §1.2): ``w = q * m / qmax``,

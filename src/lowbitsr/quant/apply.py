@@ -5,7 +5,7 @@ residual blocks for quantized wrappers (:mod:`lowbitsr.quant.layers`). :func:`de
 them back. The helpers below answer the trainer's questions (which parameters are bounds, which are
 gates, the gate regulariser) without it knowing module types.
 
-Typical use (METHODS §1.6)::
+Typical use (docs/methods.md §1.6)::
 
     student = quantize(teacher, DDTBConfig(bits=2))       # teacher untouched (deep copy)
     calibrate(student, lr_batches)                         # gates chosen, bounds initialised
@@ -138,7 +138,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantize(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:
-    """Quantize a float EDSR / RDN / SRResNet with DDTB or PAMS (METHODS §1.5, §1.8).
+    """Quantize a float EDSR / RDN / SRResNet with DDTB or PAMS (docs/methods.md §1.5, §1.8).
 
     Args:
         model: a float model from :func:`lowbitsr.models.create_model` (any device and mode).

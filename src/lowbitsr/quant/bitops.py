@@ -1,4 +1,6 @@
-"""BitOPs and FAB (feature average bit-width) of float and quantized SR models (METHODS §2.4).
+"""BitOPs and FAB (feature average bit-width) of float and quantized SR models.
+
+Protocol: docs/evaluation.md §4 (FAB) and §5 (BitOPs).
 
 BitOPs: for every ``nn.Conv2d`` and ``nn.Linear`` that runs in a forward pass,
 ``MACs x w_bits x a_bits / 64``, summed; layers in full precision count 32 x 32 (so an FP
@@ -31,7 +33,7 @@ BITOPS_FORMULA = "sum over convs MACs*w_bits*a_bits/64; FP layers 32x32"
 
 
 def fab(bits_per_tile: Tensor | Sequence[float] | None) -> float:
-    """Feature average bit-width: the mean bit-width over tiles (METHODS §2.4).
+    """Feature average bit-width: the mean bit-width over tiles (docs/evaluation.md §4).
 
     Args:
         bits_per_tile: the bit-width of each tile/patch (any shape, e.g. the ``[rows, cols]``

@@ -1,4 +1,4 @@
-"""The explicit calibration step of a freshly quantized model (METHODS §1.3, §1.4, §1.8).
+"""The explicit calibration step of a freshly quantized model (docs/methods.md §1.3, §1.4, §1.8).
 
 ``calibrate(model, batches)`` runs forward passes only — no optimizer, no weight change, BN layers
 in eval mode, everything under ``torch.no_grad()`` — and dispatches on the model's config type:

@@ -5,7 +5,7 @@
 keys. It
 
 1. renames the DDTB authors' keys (``zysxmu/DDTB``: ``DDTB_EDSR``, ``DDTB_RDN``, ``bnsrresnet``)
-   into ours when the file is in their layout (METHODS §1.5), and
+   into ours when the file is in their layout (docs/methods.md §1.5), and
 2. attaches a :class:`~lowbitsr.quant.layers.DynamicGate` to every quantizer the file says is
    gated (their ``is_dynamic`` flag, or our ``gate.*`` keys) and removes it from the others —
    loading decides which layers are gated, so no calibration pass is needed after it.

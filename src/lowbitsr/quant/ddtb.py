@@ -2,7 +2,7 @@
 
 :class:`DDTBConfig` is the validated, frozen description of a DDTB quantization;
 :func:`ddtb_transform` swaps the residual blocks of an EDSR / RDN / SRResNet for quantized ones
-(METHODS §1.5) built from :class:`~lowbitsr.quant.layers.DDTBActQuant` and
+(docs/methods.md §1.5) built from :class:`~lowbitsr.quant.layers.DDTBActQuant` and
 :class:`~lowbitsr.quant.layers.QuantConv2d`. Users call :func:`lowbitsr.quant.apply.quantize` and
 then :func:`lowbitsr.quant.calibrate.calibrate`; this module only knows the DDTB specifics.
 """
@@ -26,11 +26,11 @@ __all__ = [
     "resolved_ratio",
 ]
 
-#: Fraction of quantizers that get a dynamic gate, per architecture (METHODS §1.3).
+#: Fraction of quantizers that get a dynamic gate, per architecture (docs/methods.md §1.3).
 DDTB_DEFAULT_RATIO: dict[str, float] = {"edsr": 0.3, "srresnet": 0.1, "rdn": 0.5}
-#: Percentile ``M`` of the bound initialisation, per architecture (METHODS §1.4).
+#: Percentile ``M`` of the bound initialisation, per architecture (docs/methods.md §1.4).
 DDTB_DEFAULT_PERCENTILE: dict[str, float] = {"edsr": 99.0, "srresnet": 99.0, "rdn": 95.0}
-#: Weight quantizer per architecture (METHODS §1.2).
+#: Weight quantizer per architecture (docs/methods.md §1.2).
 _WEIGHT_MODE: dict[str, Literal["percentile", "minmax"]] = {
     "edsr": "percentile",
     "srresnet": "percentile",
@@ -49,7 +49,7 @@ def _is_number(v: object) -> bool:
 
 @dataclass(frozen=True)
 class DDTBConfig:
-    """DDTB quantization settings (METHODS §1).
+    """DDTB quantization settings (docs/methods.md §1).
 
     Attributes:
         bits: weight and activation bit-width, 2, 3 or 4.
@@ -125,7 +125,7 @@ def resolved_percentile(config: DDTBConfig, arch: str) -> float:
 
 
 def ddtb_transform(model: nn.Module, config: DDTBConfig) -> None:
-    """Swap ``model``'s residual blocks for DDTB-quantized ones, in place (METHODS §1.5).
+    """Swap ``model``'s residual blocks for DDTB-quantized ones, in place (docs/methods.md §1.5).
 
     Activation quantizers start static with bounds ``±10``; gates are attached and bounds set by
     :func:`~lowbitsr.quant.calibrate.calibrate` (or by loading a checkpoint).
@@ -152,7 +152,7 @@ def ddtb_transform(model: nn.Module, config: DDTBConfig) -> None:
             conv, w_bits=config.bits, w_mode=w_mode, clamp_codes=not official
         )
 
-    # The authors' DDTB_RDN also min/max-quantizes GFF.1's weight (not its input); METHODS keeps
-    # the last body conv FP, so only the official compat mode does it.
+    # The authors' DDTB_RDN also min/max-quantizes GFF.1's weight (not its input); our layout
+    # (docs/methods.md §1.5) keeps the last body conv FP, so only the official compat mode does it.
     last = make_conv if (official and arch == "rdn") else None
     swap_blocks(model, QuantSpec("ddtb", make_act, make_conv, last))

@@ -3,7 +3,7 @@
 Stateful modules above the pure math of :mod:`lowbitsr.quant.functional`:
 
 =======================  ===========================================================================
-module                   what (``docs/METHODS.md`` section)
+module                   what (``docs/methods.md`` section)
 =======================  ===========================================================================
 :class:`QuantConv2d`     ``nn.Conv2d`` whose weight is fake-quantized per tensor (§1.2, §1.8)
 :class:`DDTBActQuant`    activation quantizer with two trainable bounds, optional gate (§1.1, §1.3)
@@ -68,7 +68,7 @@ __all__ = [
 WeightMode = Literal["percentile", "minmax", "pams", "ternary"]
 _WEIGHT_MODES: tuple[str, ...] = ("percentile", "minmax", "pams", "ternary")
 
-#: Initial DDTB bounds before calibration: the official code's ``±10`` (METHODS §1.4).
+#: Initial DDTB bounds before calibration: the official code's ``±10`` (docs/methods.md §1.4).
 DDTB_INIT_BOUND = 10.0
 #: Initial PAMS clip before calibration (the official ``pams_quant_act`` init).
 PAMS_INIT_ALPHA = 10.0
@@ -248,7 +248,7 @@ class QuantConv2d(nn.Conv2d):
 
 # --------------------------------------------------------------------------------- DDTB gate
 class DynamicGate(nn.Module):
-    """DDTB's dynamic gate controller, METHODS §1.3: a layer input → two bound-multiplier logits.
+    """DDTB's dynamic gate controller (docs/methods.md §1.3): layer input → two bound logits.
 
     ``g = AvgPool(x.detach()) → Q2 → conv1 (C→hidden, ternary) → BN → ReLU → Q2 →
     conv2 (hidden→2, ternary) = c``. ``Q2`` is :func:`~lowbitsr.quant.functional.gate_act_quant`.
@@ -333,7 +333,7 @@ def _ddtb_gate_load_hook(
 class DDTBActQuant(nn.Module):
     """DDTB activation quantizer with dual trainable bounds and an optional dynamic gate.
 
-    METHODS §1.1 (static), §1.3 (gated: per-sample bounds ``2·sigmoid(c[:,0])·upper`` and
+    docs/methods.md §1.1 (static), §1.3 (gated: per-sample bounds ``2·sigmoid(c[:,0])·upper`` and
     ``2·sigmoid(c[:,1])·lower``), §1.3 dynamic-intensity statistics and §1.4 initialisation.
 
     Parameters (trainable, shape ``[1]``): ``lower``, ``upper`` (init ``-10``/``+10``).
@@ -515,13 +515,13 @@ class DDTBActQuant(nn.Module):
 # ------------------------------------------------------------------------------ PAMS activation
 def _pams_quant_unclipped(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     # PAMS's first-epoch forward: the same rounding as pams_act_quant but without the clamp
-    # (METHODS §1.8, "input unclipped during it").
+    # (docs/methods.md §1.8, "input unclipped during it").
     qmax = 2.0 ** (bits - 1) - 1.0
     return round_ste(x * qmax / alpha) * alpha / qmax
 
 
 class PAMSActQuant(nn.Module):
-    """PAMS symmetric activation quantizer with one learnable clip ``alpha``, METHODS §1.8.
+    """PAMS symmetric activation quantizer with one learnable clip ``alpha``, docs/methods.md §1.8.
 
     Parameter ``alpha`` (shape ``[1]``, init 10 as in PAMS, set by calibration).
 
@@ -580,7 +580,7 @@ class QuantSpec:
 
     ``make_act(channels, like)`` builds an activation quantizer for a ``channels``-channel input
     on ``like``'s device and dtype; ``make_conv(conv)`` swaps a body conv; ``make_last_conv``
-    swaps RDN's ``GFF.1`` (None keeps it in full precision, METHODS §1.5 "last body conv").
+    swaps RDN's ``GFF.1`` (None keeps it in full precision, docs/methods.md §1.5 "last body conv").
     """
 
     method: str

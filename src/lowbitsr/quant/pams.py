@@ -1,11 +1,11 @@
 """PAMS — Parameterized Max Scale (Li et al., ECCV 2020), the baseline DDTB is compared with.
 
-:class:`PAMSConfig` and :func:`pams_transform` (METHODS §1.8). Quantizer positions are those of
-DDTB (§1.5), which are PAMS's own for EDSR (``PAMS_ResBlock``: ``quant_act1`` on the skip,
+:class:`PAMSConfig` and :func:`pams_transform` (docs/methods.md §1.8). Quantizer positions are
+those of DDTB (§1.5), which are PAMS's own for EDSR (``PAMS_ResBlock``: ``quant_act1`` on the skip,
 ``quant_act2`` after the ReLU, ``quant_act3`` on the scaled residual, conv1 on the unquantized
 input) and for RDN (block input, later dense inputs, LFF input, GFF input). PAMS has no SRResNet;
 the DDTB positions are used. Weights: symmetric per-tensor max-abs in every quantized conv.
-Differences from the PAMS code: RDN's ``GFF.1`` stays FP (METHODS "last body conv"), and the
+Differences from the PAMS code: RDN's ``GFF.1`` stays FP (docs/methods.md §1.5), and the
 ``alpha`` initialisation is an explicit calibration step (see
 :func:`~lowbitsr.quant.calibrate.calibrate`) instead of the first training epoch.
 """
@@ -25,7 +25,7 @@ __all__ = ["PAMSConfig", "pams_transform"]
 
 @dataclass(frozen=True)
 class PAMSConfig:
-    """PAMS quantization settings (METHODS §1.8).
+    """PAMS quantization settings (docs/methods.md §1.8).
 
     Attributes:
         bits: weight and activation bit-width, 2..8.

@@ -1,4 +1,4 @@
-"""QAT recipes for DDTB and PAMS (METHODS §1.6, §1.8): the hooks the shared training loop calls.
+"""QAT recipes for DDTB and PAMS (docs/methods.md §1.6, §1.8): hooks for the shared training loop.
 
 The ``quant:`` section of an experiment holds the method config (``method``, ``bits``, ...) and,
 under ``recipe:``, how to train it::
