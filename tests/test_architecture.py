@@ -1,0 +1,178 @@
+"""Architecture checks: the import graph of ``src/lowbitsr`` has no cycles and no library
+module imports the command line.
+
+The graph is built with :mod:`ast` from every ``import`` statement, including the ones inside
+functions (lazy imports still tie modules together). Edges:
+
+* ``import lowbitsr.a.b`` imports ``lowbitsr.a.b`` (and its parent packages' ``__init__``);
+* ``from .pkg import name`` imports ``pkg`` (its ``__init__``) and, when ``name`` is a
+  submodule of ``pkg``, that submodule too;
+* ``from . import x`` where ``x`` is a submodule imports ``x``.
+
+Importing a submodule also runs its parent packages' ``__init__``, but a package's own
+submodules importing siblings through ``from . import x`` is not counted as importing the
+package ``__init__`` unless a name from it is used, which is what ``from . import x`` with
+``x`` a submodule means here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "lowbitsr"
+SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+CLI_MODULES = {f"{PACKAGE}.cli", f"{PACKAGE}.__main__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _collect_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _resolve(module: str, is_package: bool, level: int, target: str | None) -> str:
+    """Absolute name of a ``from <level dots><target> import ...`` made inside ``module``."""
+    if level == 0:
+        return target or ""
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Map each ``lowbitsr`` module to the ``lowbitsr`` modules it imports anywhere in it."""
+    modules = _collect_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == PACKAGE:
+                        edges.add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, is_package, node.level, node.module)
+                if base.split(".")[0] != PACKAGE:
+                    continue
+                # ``from . import x`` names no module of its own: only the submodules count
+                # (plus the package itself when a non-module name is imported from it).
+                own_package = node.module is None and node.level > 0
+                names_module = False
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    if sub in modules:
+                        edges.add(sub)
+                    else:
+                        names_module = True
+                if names_module or not own_package:
+                    edges.add(base)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (sorted module names)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                components.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def _cycle_in(graph: dict[str, set[str]], comp: set[str]) -> list[str]:
+    """One cycle through the component's first module (breadth-first, shortest)."""
+    start = min(comp)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & comp):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if w not in parents:
+                    parents[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return sorted(comp)  # unreachable for a strongly connected component
+
+
+def _describe(graph: dict[str, set[str]], components: list[list[str]]) -> str:
+    lines = []
+    for members in components:
+        comp = set(members)
+        lines.append(f"import cycle among {len(members)} modules: " + ", ".join(members))
+        lines.append("  e.g. " + " -> ".join(_cycle_in(graph, comp)))
+        for mod in members:
+            lines.append(f"  {mod} -> " + ", ".join(sorted(graph[mod] & comp)))
+    return "\n".join(lines)
+
+
+def test_graph_sees_lazy_imports() -> None:
+    graph = import_graph()
+    assert f"{PACKAGE}.cli" in graph
+    # cli imports everything lazily, inside its command functions
+    assert f"{PACKAGE}.evaluate" in graph[f"{PACKAGE}.cli"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue #12: cycles broken in the next commit")
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    cycles = find_cycles(graph)
+    if cycles:
+        print(_describe(graph, cycles))
+    assert not cycles, "import cycles in src/lowbitsr:\n" + _describe(graph, cycles)
+
+
+@pytest.mark.xfail(strict=True, reason="issue #12: report imports cli")
+def test_no_library_module_imports_the_cli() -> None:
+    graph = import_graph()
+    offenders = sorted(
+        f"{mod} imports {', '.join(sorted(deps & CLI_MODULES))}"
+        for mod, deps in graph.items()
+        if mod not in CLI_MODULES and deps & CLI_MODULES
+    )
+    assert not offenders, "library modules importing the CLI:\n" + "\n".join(offenders)
