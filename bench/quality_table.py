@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from lowbitsr.checkpoint import load_model
-from lowbitsr.cli import parse_dataset_spec
 from lowbitsr.data import build_dataset
 from lowbitsr.evaluate import Bicubic, evaluate, format_table
+from lowbitsr.specs import parse_dataset_spec
 
 
 def _label(header: dict) -> tuple[str, str]:

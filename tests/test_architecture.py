@@ -1,26 +1,21 @@
-"""Architecture checks: the import graph of ``src/lowbitsr`` has no cycles and no library
-module imports the command line.
+"""Architecture checks (issue #12): the import graph of ``src/lowbitsr`` has no cycles, no
+library module imports the command line, and every module imports only its own layer or the
+layers below it (:data:`LAYERS`, the diagram of README "Architecture").
 
 The graph is built with :mod:`ast` from every ``import`` statement, including the ones inside
-functions (lazy imports still tie modules together). Edges:
+functions and under ``TYPE_CHECKING`` (lazy imports still tie modules together). Edges:
 
-* ``import lowbitsr.a.b`` imports ``lowbitsr.a.b`` (and its parent packages' ``__init__``);
+* ``import lowbitsr.a.b`` imports ``lowbitsr.a.b``;
 * ``from .pkg import name`` imports ``pkg`` (its ``__init__``) and, when ``name`` is a
   submodule of ``pkg``, that submodule too;
-* ``from . import x`` where ``x`` is a submodule imports ``x``.
-
-Importing a submodule also runs its parent packages' ``__init__``, but a package's own
-submodules importing siblings through ``from . import x`` is not counted as importing the
-package ``__init__`` unless a name from it is used, which is what ``from . import x`` with
-``x`` a submodule means here.
+* ``from . import x`` imports the submodule ``x`` (and the package ``__init__`` only when ``x``
+  is not a submodule but a name defined there).
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 PACKAGE = "lowbitsr"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
@@ -158,7 +153,6 @@ def test_graph_sees_lazy_imports() -> None:
     assert f"{PACKAGE}.evaluate" in graph[f"{PACKAGE}.cli"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: cycles broken in the next commit")
 def test_no_import_cycles() -> None:
     graph = import_graph()
     cycles = find_cycles(graph)
@@ -167,7 +161,6 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles in src/lowbitsr:\n" + _describe(graph, cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #12: report imports cli")
 def test_no_library_module_imports_the_cli() -> None:
     graph = import_graph()
     offenders = sorted(
@@ -176,3 +169,44 @@ def test_no_library_module_imports_the_cli() -> None:
         if mod not in CLI_MODULES and deps & CLI_MODULES
     )
     assert not offenders, "library modules importing the CLI:\n" + "\n".join(offenders)
+
+
+#: The layers of README "Architecture", bottom first: a module may import its own layer and the
+#: layers below it, never one above (package prefixes; the first match wins).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "foundation",
+        ("errors", "fileio", "config", "recipe", "losses", "metrics", "imresize", "distributed"),
+    ),
+    ("data", ("data",)),
+    ("models", ("models",)),
+    ("quant", ("quant",)),
+    ("evaluation", ("evaluate", "viz")),
+    ("training", ("checkpoint", "pretrained", "train", "training")),
+    ("deploy", ("deploy",)),
+    ("applications", ("specs", "demo")),
+    ("interface", ("cli", "__main__", "report", "")),
+)
+
+
+def layer_of(module: str) -> int:
+    """Index in :data:`LAYERS` of ``module`` (``lowbitsr`` itself is the top, interface)."""
+    rel = module.removeprefix(PACKAGE).removeprefix(".")
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if prefix and (rel == prefix or rel.startswith(prefix + ".")):
+                return i
+    if rel == "":
+        return len(LAYERS) - 1
+    raise AssertionError(f"{module}: in no layer of LAYERS; add it to one")
+
+
+def test_layers_import_only_downwards() -> None:
+    graph = import_graph()
+    upward = sorted(
+        f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for mod, deps in graph.items()
+        for dep in deps
+        if layer_of(dep) > layer_of(mod)
+    )
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)

@@ -18,14 +18,9 @@ from typing import Any
 
 from . import __version__
 from .errors import LowbitsrError
+from .specs import DATASET_HELP, load_any_model, parse_dataset_spec
 
 __all__ = ["main", "parse_dataset_spec"]
-
-DATASET_HELP = (
-    "dataset: bundled[:test|valid|train], div2k:ROOT[:FIRST-LAST], benchmark:ROOT/NAME "
-    "(EDSR-PyTorch layout, e.g. benchmark:/data/benchmark/Set5), folder:DIR (HR images; LR made "
-    "by bicubic)"
-)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -103,52 +98,6 @@ def _dataset_spec(text: str, args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def parse_dataset_spec(spec: str) -> dict[str, Any]:
-    """Turn a ``kind:arg`` string into a dataset spec for :func:`lowbitsr.data.build_dataset`."""
-    kind, _, rest = spec.partition(":")
-    if kind == "bundled":
-        return {"type": "bundled", "split": rest or "test"}
-    if kind == "div2k":
-        root, _, rng = rest.partition(":")
-        out: dict[str, Any] = {"type": "div2k", "root": root}
-        if rng:
-            a, _, b = rng.partition("-")
-            out["index_range"] = [int(a), int(b)]
-            out["split"] = "valid" if int(a) > 800 else "train"
-        return out
-    if kind == "benchmark":
-        p = Path(rest)
-        return {"type": "benchmark", "root": str(p.parent), "name": p.name}
-    if kind == "folder":
-        return {"type": "folder", "root": rest}
-    raise LowbitsrError(f"dataset spec {spec!r} not understood; {DATASET_HELP}")
-
-
-def _load_any_model(ref: str, scale: int | None) -> tuple[Any, str]:
-    """A model from ``bicubic``, ``pretrained:NAME``/a shipped name, or a saved-model path."""
-    from .checkpoint import load_model
-    from .evaluate import Bicubic
-    from .pretrained import list_pretrained, load_pretrained
-
-    if ref == "bicubic":
-        if scale is None:
-            raise LowbitsrError("the bicubic baseline needs --scale")
-        return Bicubic(scale), "bicubic"
-    name = ref.split(":", 1)[1] if ref.startswith("pretrained:") else ref
-    if name in list_pretrained():
-        return load_pretrained(name), name
-    if not Path(ref).exists() and not Path(ref + ".json").exists():
-        raise LowbitsrError(
-            f"{ref}: no such saved model or pretrained name "
-            f"(pretrained: {', '.join(list_pretrained())})"
-        )
-    from .deploy import is_packed_file, load_packed
-
-    if is_packed_file(ref):
-        return load_packed(ref), Path(ref).stem
-    return load_model(ref), Path(ref).stem
-
-
 def _cmd_entropy_table(args: argparse.Namespace) -> int:
     from .data import build_dataset
     from .data.io import check_output_path
@@ -182,7 +131,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .deploy.pack import packed_path
 
     check_output_path(packed_path(args.output), what="packed model", example="model.safetensors")
-    model, _ = _load_any_model(args.model, None)
+    model, _ = load_any_model(args.model, None)
     print(format_size_report(save_packed(model, args.output)))
     return 0
 
@@ -192,7 +141,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .deploy import export_onnx
 
     check_output_path(args.onnx, what="ONNX", example="model.onnx")
-    model, _ = _load_any_model(args.model, None)
+    model, _ = load_any_model(args.model, None)
     static_gates: Any = False
     if args.static_gates == "identity":
         static_gates = True
@@ -308,10 +257,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if scale is None:  # 'bicubic' takes the scale of the first real model given
         for ref in args.models:
             if ref != "bicubic":
-                scale = _load_any_model(ref, None)[0].model_config["scale"]
+                scale = load_any_model(ref, None)[0].model_config["scale"]
                 break
     for ref in args.models:
-        model, name = _load_any_model(ref, scale)
+        model, name = load_any_model(ref, scale)
         if model.model_config["scale"] != scale:
             raise LowbitsrError(f"{ref} is a x{model.model_config['scale']} model, not x{scale}")
         for spec_text in args.dataset:
@@ -430,15 +379,11 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from .viz import bitmap_panel
 
     if args.backend == "onnx":
-        from .deploy import OnnxSR
-
-        if not Path(args.model).is_file():
-            raise LowbitsrError(f"{args.model}: no such ONNX file (make one with lowbitsr export)")
-        model = OnnxSR(args.model, threads=args.threads)
+        model, _ = load_any_model(args.model, backend="onnx", threads=args.threads)
         scale = model.scale
         granular = model.granular_dq
     else:
-        model, _ = _load_any_model(args.model, args.scale)
+        model, _ = load_any_model(args.model, args.scale)
         scale = model.model_config["scale"]
         granular = is_dynamic_bits(model)
     if args.scale is not None and args.scale != scale:

@@ -730,7 +730,7 @@ class _Renderer:
     def model(self, rec: EvalRecord) -> Any:
         if rec.path in self.models:
             return self.models[rec.path]
-        from .cli import _load_any_model
+        from .specs import load_any_model
 
         spec = self.spec(rec)
         model = None
@@ -741,7 +741,7 @@ class _Renderer:
             )
         else:
             try:
-                model = _load_any_model(spec, rec.scale)[0]
+                model = load_any_model(spec, rec.scale)[0]
                 if model.model_config["scale"] != rec.scale:
                     raise ReportError(f"{spec} is a x{model.model_config['scale']} model")
                 if hasattr(model, "to"):
@@ -1426,8 +1426,8 @@ def build_report(
         ReportError: bad inputs or options, or matplotlib missing.
     """
     from . import __version__
-    from .cli import parse_dataset_spec
     from .data import build_dataset
+    from .specs import parse_dataset_spec
 
     _mpl()
     if crop_size < 8:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -52,6 +51,7 @@ from .checkpoint import (
 )
 from .config import ExperimentConfig, config_to_dict, from_dict, save_config
 from .errors import ConfigError, LowbitsrError
+from .recipe import FloatRecipe, Recipe
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -188,67 +188,6 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
         weights = model_paths(init)[0] if Path(init).is_dir() else init
         load_weights(model, weights)
     return model
-
-
-class Recipe:
-    """What a training method adds to the loop: the trained model, its losses and parameter groups.
-
-    Subclasses (float training here; DDTB/PAMS/Granular-DQ in :mod:`lowbitsr.quant`) override the
-    hooks; the loop itself (data, optimizer, checkpoints, validation, logging) is shared.
-    """
-
-    #: whether some parameters may go unused in a training step (DistributedDataParallel must
-    #: then search the graph every step), e.g. Granular-DQ's quantizers of the bits not drawn
-    ddp_find_unused_parameters: bool = False
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        self.cfg = cfg
-
-    def prepare(
-        self,
-        model: nn.Module,
-        batches: Iterator[dict[str, Any]],
-        resume_state: dict[str, Any] | None = None,
-    ) -> nn.Module:
-        """Return the model to train (e.g. the quantized student).
-
-        Args:
-            model: the float model (``init`` weights loaded), on the training device.
-            batches: an endless stream of training batches (``{"lr", "hr", "name"}``, on CPU)
-                reserved for calibration; consuming it does not shift the training data.
-            resume_state: on resume, the dict :meth:`state` returned when the checkpoint was
-                written. The recipe must rebuild the same module structure (e.g. which layers
-                carry gates) without calibrating; the checkpoint's tensors are loaded afterwards.
-        """
-        return model
-
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer parameter groups (default: every trainable parameter at ``train.lr``)."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch and scalars to log."""
-        sr = model(batch["lr"])
-        loss = F.l1_loss(sr, batch["hr"])
-        return loss, {"l1": float(loss.detach())}
-
-    def state(self) -> dict[str, Any]:
-        """JSON-able recipe state saved in checkpoints (e.g. calibration done)."""
-        return {}
-
-    def selectable(self, step: int) -> bool:
-        """Whether the model after ``step`` may be kept as the best one (e.g. not mid-schedule)."""
-        return True
-
-    def quant_dict(self) -> dict[str, Any] | None:
-        """Plain-dict quantization config saved beside the weights (None for float models)."""
-        return None
-
-
-class FloatRecipe(Recipe):
-    """Plain L1 training of a float model."""
 
 
 @dataclass

@@ -68,8 +68,8 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_write
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write
 from ..quant.functional import asym_quant_params, asym_quantize_codes, percentile_bounds
 from ..quant.layers import DDTBActQuant, QuantConv2d, conv_geometry
 

@@ -37,8 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_write
 from ..errors import CheckpointError
+from ..fileio import atomic_write
 from .edsr import edsr_keys_from_basicsr, is_basicsr_edsr
 
 __all__ = ["canonicalize_state_dict", "load_weights", "read_state_dict", "save_weights"]

@@ -30,7 +30,7 @@ from .pams import PAMSConfig
 
 if TYPE_CHECKING:
     from ..config import ExperimentConfig
-    from ..train import Recipe
+    from ..recipe import Recipe
 
 __all__ = [
     "DDTBConfig",

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..train import Recipe
+from ..recipe import Recipe
 from .bitops import fab
 from .gdq_layers import (
     BitContext,
@@ -771,7 +771,7 @@ def build_entropy_table(
 
 def entropy_table_path(checkpoint: str | Path) -> Path:
     """Where the entropy table of a saved model lives: ``<stem>.entropy.json`` beside it."""
-    from ..checkpoint import model_paths
+    from ..fileio import model_paths
 
     weights, _ = model_paths(checkpoint)
     return weights.with_suffix(".entropy.json")
@@ -780,7 +780,7 @@ def entropy_table_path(checkpoint: str | Path) -> Path:
 def save_entropy_table(table: EntropyTable, path: str | Path) -> Path:
     """Write ``table`` as JSON (atomically). ``path`` may be a checkpoint: then it goes to
     :func:`entropy_table_path` beside it."""
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
 
     p = Path(path)
     if p.suffix != ".json":

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import ExperimentConfig, from_dict
 from ..errors import ConfigError
 from ..losses import attention_transfer
-from ..train import Recipe
+from ..recipe import Recipe
 from .apply import (
     bound_parameters,
     config_from_dict,
