@@ -203,7 +203,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ConfigError
-    from .train import check_model_config, train
+    from .training import check_model_config, train
 
     overrides = list(args.set or [])
     if args.output_root:

@@ -231,7 +231,7 @@ class DistributedStepSampler(Sampler[list[int]]):
 
     Args:
         stream: an (infinite) sampler of dataset keys, e.g.
-            :class:`lowbitsr.train.ResumableSampler` started at ``step · batch_size``.
+            :class:`lowbitsr.training.ResumableSampler` started at ``step · batch_size``.
         batch_size: the *global* batch ``B``; must be divisible by ``world_size``.
         rank, world_size: this process's slot.
     Yields:
