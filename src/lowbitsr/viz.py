@@ -36,7 +36,7 @@ def _tile_regions(
     step: int,
 ) -> list[tuple[int, int, int, int, int]]:
     """``(y0, y1, x0, x1, bits)`` of every tile's own region in image pixels."""
-    from .quant.granular_dq import _own_bounds, gdq_tile_starts
+    from .quant.granular_dq.tiling import _own_bounds, gdq_tile_starts
 
     h, w = lr_size
     fy, fx = image_hw[0] / h, image_hw[1] / w
@@ -149,7 +149,7 @@ def bitmap_overlay(
     Returns:
         uint8 H×W×3 picture.
     """
-    from .quant.granular_dq import _own_bounds, gdq_tile_starts
+    from .quant.granular_dq.tiling import _own_bounds, gdq_tile_starts
 
     bits = np.asarray(bit_map.cpu() if isinstance(bit_map, Tensor) else bit_map)
     h, w = lr_size

@@ -122,7 +122,7 @@ from ..models.rdn import RDB, RDN, DenseLayer
 from ..models.srresnet import SRResBlock, SRResNet
 from ..quant.functional import asym_quant_params, asym_quantize_codes, lsq_fake_quant
 from ..quant.gdq_layers import ENTROPY_BINS, ENTROPY_EPS, ENTROPY_SIGMA, GDQActQuantizer, GDQConv2d
-from ..quant.granular_dq import GranularDQModel, _HeadTap
+from ..quant.granular_dq.model import GranularDQModel, _HeadTap
 from ..quant.layers import (
     DDTBActQuant,
     DynamicGate,

@@ -234,7 +234,7 @@ def upscale_image_gdq_onnx(
     Returns:
         ``(sr, bit_map)``: uint8 (scale·H)×(scale·W)×3 and the ``[rows, cols]`` int64 bits.
     """
-    from ..quant.granular_dq import _own_bounds, gdq_tile_starts
+    from ..quant.granular_dq.tiling import _own_bounds, gdq_tile_starts
 
     if not session.granular_dq:
         raise ValueError("upscale_image_gdq_onnx: not a Granular-DQ export")
