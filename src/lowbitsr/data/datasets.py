@@ -332,6 +332,20 @@ class ImageFolderDataset(PairedImageDataset):
         )
 
 
+def _with_lr(name: str, hr_path: Path, lr_dir: Path, lr_name: str) -> ImagePair:
+    """``hr_path`` paired with ``lr_dir/lr_name`` when the LR folder exists (then every HR image
+    must have its LR image there), else with LR images made on the fly (DIV2K, benchmarks)."""
+    lr_path = None
+    if lr_dir.is_dir():
+        lr_path = lr_dir / lr_name
+        if not lr_path.is_file():
+            raise DatasetError(
+                f"{lr_path}: missing LR image for {hr_path.name}; complete {lr_dir} "
+                "or delete it to make LR images on the fly"
+            )
+    return ImagePair(name, hr_path, lr_path)
+
+
 def _sample_name(path: Path, root: Path) -> str:
     try:
         rel = path.relative_to(root)
@@ -418,15 +432,7 @@ class DIV2KDataset(PairedImageDataset):
                     f"{hr_path}: missing DIV2K image {n} (index_range {first}-{last}); "
                     f"expected {layout}"
                 )
-            lr_path = None
-            if lr_dir.is_dir():
-                lr_path = lr_dir / f"{n:04d}x{scale}.png"
-                if not lr_path.is_file():
-                    raise DatasetError(
-                        f"{lr_path}: missing LR image for {hr_path.name}; complete {lr_dir} "
-                        "or delete it to make LR images on the fly"
-                    )
-            pairs.append(ImagePair(f"{n:04d}", hr_path, lr_path))
+            pairs.append(_with_lr(f"{n:04d}", hr_path, lr_dir, f"{n:04d}x{scale}.png"))
         self.root = root
         self.split = split
         self.index_range = (first, last)
@@ -509,15 +515,8 @@ class BenchmarkDataset(PairedImageDataset):
         lr_dir = set_dir / "LR_bicubic" / f"X{scale}"
         pairs = []
         for hr_path in hr_paths:
-            lr_path = None
-            if lr_dir.is_dir():
-                lr_path = lr_dir / f"{hr_path.stem}x{scale}{hr_path.suffix}"
-                if not lr_path.is_file():
-                    raise DatasetError(
-                        f"{lr_path}: missing LR image for {hr_path.name}; complete {lr_dir} "
-                        "or delete it to make LR images on the fly"
-                    )
-            pairs.append(ImagePair(hr_path.stem, hr_path, lr_path))
+            lr_name = f"{hr_path.stem}x{scale}{hr_path.suffix}"
+            pairs.append(_with_lr(hr_path.stem, hr_path, lr_dir, lr_name))
         self.root = root
         self.name = name
         super().__init__(

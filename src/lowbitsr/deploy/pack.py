@@ -70,7 +70,12 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write
-from ..quant.functional import asym_quant_params, asym_quantize_codes, percentile_bounds
+from ..quant.functional import (
+    asym_quant_params,
+    asym_quantize_codes,
+    maxabs_scale,
+    weight_bounds,
+)
 from ..quant.layers import DDTBActQuant, QuantConv2d, conv_geometry
 
 __all__ = [
@@ -250,12 +255,7 @@ def weight_codes(conv: QuantConv2d) -> WeightCodes:
     with torch.no_grad():
         target = conv._quantize(w)
         if conv.w_mode in ("percentile", "minmax"):
-            if conv.w_mode == "percentile":
-                lower, upper = percentile_bounds(w, 1.0, 99.0)
-                clip = True
-            else:
-                lower, upper = w.min().reshape(1), w.max().reshape(1)
-                clip = False
+            lower, upper, clip = weight_bounds(w, conv.w_mode)
             if bool(upper == lower):
                 return _unquantized(conv)
             s, zp = asym_quant_params(lower, upper, bits)
@@ -263,7 +263,7 @@ def weight_codes(conv: QuantConv2d) -> WeightCodes:
             codes = WeightCodes("asym", bits, q.to(torch.int8), s.clone(), zp.clone())
         else:  # "pams" / "ternary": symmetric per-tensor max-abs
             qmax = 2.0 ** (bits - 1) - 1.0
-            m = (w.abs().max() + 1e-8).reshape(1)
+            m = maxabs_scale(w).reshape(1)
             q = torch.round(w * qmax / m)
             codes = WeightCodes("sym", bits, q.to(torch.int8), m.clone())
     if not torch.equal(codes.dequantize(), target):

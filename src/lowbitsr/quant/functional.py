@@ -15,7 +15,9 @@ function                       section
 ``asym_quantize_codes``        §1.1 integer code ``q`` (for the integer exporter)
 ``asym_fake_quant``            §1.1 DDTB activation quantizer with two bounds (also used by §1.2)
 ``percentile_bounds``          §1.2 / §1.4 percentile bounds, ``torch.quantile`` in float64 exactly
+``weight_bounds``              §1.2 DDTB weight bounds (shared with the packer)
 ``ddtb_weight_quant``          §1.2 DDTB weight quantizer (percentile + clip, or min/max no clip)
+``maxabs_scale``               §1.2 / §1.8 range ``max|w| + 1e-8`` of the symmetric quantizers
 ``ternary_weight_quant``       §1.2 the gate's symmetric max-abs weight quantizer (k = 2: ternary)
 ``gate_act_quant``             §1.3 the gate's ``Q2`` (min/max bounds, per sample or per batch)
 ``pams_act_quant``             §1.8 PAMS symmetric activation quantizer with learned ``alpha``
@@ -51,12 +53,14 @@ __all__ = [
     "gate_act_quant",
     "lsq_fake_quant",
     "lsq_init_alpha",
+    "maxabs_scale",
     "pams_act_quant",
     "pams_weight_quant",
     "percentile_bounds",
     "quantsr_round",
     "round_ste",
     "ternary_weight_quant",
+    "weight_bounds",
 ]
 
 # torch.quantile refuses inputs with more elements than this ("input tensor is too large");
@@ -639,28 +643,44 @@ def ddtb_weight_quant(
         in the corner described in :func:`asym_quantize_codes` unless ``clamp_codes``).
     """
     _check_bits(bits, 1, "ddtb_weight_quant")
-    wd = w.detach()
-    if mode == "percentile":
-        lower, upper = percentile_bounds(wd, 1.0, 99.0)
-        lower, upper = lower.to(w.dtype), upper.to(w.dtype)
-        clip = True
-    elif mode == "minmax":
-        lower, upper = wd.min().reshape(1), wd.max().reshape(1)
-        clip = False
-    else:
-        raise ValueError(
-            f"ddtb_weight_quant: unknown mode {mode!r}; use 'percentile' (EDSR, SRResNet) or "
-            "'minmax' (RDN)."
-        )
+    lower, upper, clip = weight_bounds(w, mode)
     # The bounds carry no gradient, so the fused path only prepares d out/d w (see asym_fake_quant).
     out = _asym_fake_quant(w, lower, upper, bits, clip, clamp_codes, guard=True)
     return torch.where(upper == lower, w, out)
 
 
+def weight_bounds(w: Tensor, mode: Literal["percentile", "minmax"]) -> tuple[Tensor, Tensor, bool]:
+    """``(lower, upper, clip)`` of the DDTB weight quantizer (:func:`ddtb_weight_quant`): the
+    1st/99th percentile of ``w.detach()`` with clipping (``"percentile"``) or its min/max without
+    (``"minmax"``), shape ``[1]``, in ``w``'s dtype. Shared with the packer
+    (:func:`lowbitsr.deploy.pack.weight_codes`), which must find exactly these bounds.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    wd = w.detach()
+    if mode == "percentile":
+        lower, upper = percentile_bounds(wd, 1.0, 99.0)
+        return lower.to(w.dtype), upper.to(w.dtype), True
+    if mode == "minmax":
+        return wd.min().reshape(1), wd.max().reshape(1), False
+    raise ValueError(
+        f"ddtb_weight_quant: unknown mode {mode!r}; use 'percentile' (EDSR, SRResNet) or "
+        "'minmax' (RDN)."
+    )
+
+
+def maxabs_scale(w: Tensor) -> Tensor:
+    """``m = max|w.detach()| + 1e-8`` (a 0-d tensor), the range of the symmetric max-abs weight
+    quantizers (:func:`pams_weight_quant`, :func:`ternary_weight_quant`) and of their packed
+    codes."""
+    return w.detach().abs().max() + 1e-8
+
+
 def _maxabs_sym_quant(w: Tensor, bits: int) -> Tensor:
     # Operation order mirrors the official quant_weight: (w * qmax) / m, round, (q * m) / qmax.
     qmax = 2.0 ** (bits - 1) - 1.0
-    m = w.detach().abs().max() + 1e-8
+    m = maxabs_scale(w)
     return round_ste(w * qmax / m) * m / qmax
 
 
