@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import TINY, float_model, lr_batches
 from lowbitsr.errors import ConfigError
-from lowbitsr.models import create_model, load_weights, save_weights
+from lowbitsr.models import load_weights, save_weights
 from lowbitsr.quant.apply import (
     bound_parameters,
     config_from_dict,
@@ -29,11 +29,6 @@ from lowbitsr.quant.ddtb import DDTBConfig
 from lowbitsr.quant.functional import percentile_bounds
 from lowbitsr.quant.layers import DDTBActQuant, DynamicGate, QuantConv2d, UnsupportedModelError
 
-TINY = {
-    "edsr": ("edsr_tiny", {"n_resblocks": 2, "n_feats": 8}),
-    "rdn": ("rdn", {"G0": 8, "D": 2, "C": 2, "G": 4}),
-    "srresnet": ("srresnet", {"n_resblocks": 2, "n_feats": 8}),
-}
 # Expected activation-quantizer names (forward order) of each tiny model.
 QUANT_NAMES = {
     "edsr": [f"body.{i}.quant_act{k}" for i in range(2) for k in (1, 2, 3)],
@@ -61,31 +56,7 @@ FP_CONVS = {
     "srresnet": ["conv_input", "conv_mid", "upscale.0", "conv_output"],
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These models are tiny: thread start-up dominates, one thread is several times faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def float_model(arch: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    name, kw = TINY[arch]
-    return create_model(name, scale=2, **kw).eval()
-
-
-def lr_batches(n: int = 3, batch: int = 2, size: int = 12, seed: int = 1) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        # different brightness and contrast per image so that layer ranges vary across samples
-        base = torch.rand(batch, 3, size, size, generator=g)
-        gain = torch.linspace(0.3, 1.0, batch).view(batch, 1, 1, 1) * (1 + 0.5 * i)
-        out.append((base * gain * 255).clamp(0, 255))
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ddtb_model(arch: str, bits: int = 2, *, calibrated: bool = True, **cfg) -> nn.Module:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import float_model, lr_batches
 from lowbitsr.errors import ConfigError
-from lowbitsr.models import create_model, load_weights, save_weights
+from lowbitsr.models import load_weights, save_weights
 from lowbitsr.quant.apply import (
     bound_parameters,
     config_from_dict,
@@ -26,36 +26,10 @@ from lowbitsr.quant.calibrate import calibrate
 from lowbitsr.quant.layers import PAMSActQuant, QuantConv2d
 from lowbitsr.quant.pams import PAMSConfig
 
-TINY = {
-    "edsr": ("edsr_tiny", {"n_resblocks": 2, "n_feats": 8}),
-    "rdn": ("rdn", {"G0": 8, "D": 2, "C": 2, "G": 4}),
-    "srresnet": ("srresnet", {"n_resblocks": 2, "n_feats": 8}),
-}
 N_QUANT = {"edsr": 6, "rdn": 7, "srresnet": 4}
 N_CONV = {"edsr": 4, "rdn": 7, "srresnet": 4}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def float_model(arch: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    name, kw = TINY[arch]
-    return create_model(name, scale=2, **kw).eval()
-
-
-def lr_batches(n: int = 3, batch: int = 2, size: int = 12, seed: int = 1) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        gain = torch.linspace(0.3, 1.0, batch).view(batch, 1, 1, 1) * (1 + 0.5 * i)
-        out.append((torch.rand(batch, 3, size, size, generator=g) * gain * 255).clamp(0, 255))
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pams_model(arch: str, bits: int = 2) -> nn.Module:
