@@ -61,7 +61,6 @@ from lowbitsr.checkpoint import load_model, save_model
 from lowbitsr.deploy import export_onnx, load_packed, save_packed, size_report
 from lowbitsr.evaluate import format_table
 from lowbitsr.models import create_model
-from lowbitsr.pretrained import list_pretrained, load_pretrained
 from lowbitsr.quant import (
     DDTBConfig,
     PAMSConfig,
@@ -71,6 +70,7 @@ from lowbitsr.quant import (
     set_gates_applied,
 )
 from lowbitsr.quant.bitops import count_bitops
+from lowbitsr.specs import load_any_model
 
 SHIPPED_DEFAULT = "edsr_tiny_x4_ddtb_w4a4"
 BACKENDS = ("torch_fp32", "torch_fakequant", "ort_fp32", "ort_int")
@@ -180,23 +180,11 @@ def build_subjects(args: argparse.Namespace) -> list[Subject]:
                 )
         return subjects
     name = args.model or SHIPPED_DEFAULT
-    if name in list_pretrained():
-        q = load_pretrained(name)
-    elif str(name).endswith(".safetensors") and _is_packed(Path(name)):
-        q = load_packed(name)
-    else:
-        q = load_model(name)
+    q = load_any_model(str(name))[0]
     if getattr(q, "quant_config_dict", None) is None:
         raise SystemExit(f"{name}: a float model; pass a DDTB/PAMS quantized model")
     fp = dequantize(q).eval()
     return [Subject(Path(str(name)).stem, str(name), fp, q.eval(), trained=True)]
-
-
-def _is_packed(path: Path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format") == "lowbitsr-packed"
 
 
 def prepare(subj: Subject, d: Path, variants: Sequence[str], scale: int) -> None:
@@ -507,7 +495,7 @@ def gdq_section(name: str, threads: int, repeats: int) -> dict[str, Any]:
     from lowbitsr.quant.bitops import fab
     from lowbitsr.quant.granular_dq import gdq_super_resolve
 
-    model = (load_pretrained(name) if name in list_pretrained() else load_model(name)).eval()
+    model = load_any_model(name)[0].eval()
     scale = int(model.model_config["scale"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gdq.onnx"
