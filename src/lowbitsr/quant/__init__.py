@@ -1,9 +1,13 @@
-"""Quantization of SR networks by module swap: DDTB, PAMS (and the pure math they share).
+"""Quantization of SR networks by module swap: DDTB, PAMS, Granular-DQ (and the pure math).
 
 * :mod:`~lowbitsr.quant.functional`: pure fake-quant functions with straight-through gradients.
-* :mod:`~lowbitsr.quant.layers`: quantized conv / activation / gate modules and block wrappers.
+* :mod:`~lowbitsr.quant.layers`: quantized conv / activation / gate modules
+  (:mod:`~lowbitsr.quant.qmodules`) and block wrappers (:mod:`~lowbitsr.quant.blocks`).
+* one module per method: :mod:`~lowbitsr.quant.ddtb`, :mod:`~lowbitsr.quant.pams`,
+  :mod:`~lowbitsr.quant.granular_dq` (a package; layers in :mod:`~lowbitsr.quant.gdq_layers`).
 * :func:`quantize` (``{config type -> transform}`` table), :func:`calibrate`, trainer helpers.
-* :mod:`~lowbitsr.quant.recipes`: QAT with distillation for the shared training loop.
+* :mod:`~lowbitsr.quant.recipes`: QAT with distillation for the shared training loop, through
+  the :class:`lowbitsr.recipe.Recipe` interface (this package never imports the loop).
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ autograd derives from that formula (``_AsymFakeQuant``, ``_PAMSActQuant``; the p
 are kept as ``_asym_fake_quant_reference`` / ``_pams_act_quant_reference`` and the tests compare
 them). Without autograd (eval, ``no_grad``) they run the forward in place and save nothing.
 ``percentile_bounds`` selects the two order statistics instead of sorting a float64 copy.
+
+Why one module of this size: it is the single source of the quantization formulas of all three
+methods (the table above, each function a few lines plus its docstring and, for the fused
+quantizers, the autograd Function); the quantizer modules, the packer and the ONNX exporter all
+reproduce these numerics bit for bit, so they are kept side by side.
 """
 
 from __future__ import annotations
