@@ -247,7 +247,13 @@ def _check_verdict(parity: list[dict[str, Any]], min_psnr: float) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(scales=args.scale, out_dir=args.out, device=args.device, progress=not args.quiet)
+    run_demo(
+        scales=args.scale,
+        out_dir=args.out,
+        device=args.device,
+        progress=not args.quiet,
+        all_models=args.all,
+    )
     return 0
 
 
@@ -568,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=_positive, nargs="*", default=None, help="scales (default: all shipped)"
     )
     d.add_argument("--out", default="demo_out", help="folder for the SR images (default demo_out)")
+    d.add_argument(
+        "--all",
+        action="store_true",
+        help="every shipped model, also the small edsr_tiny ones kept for tests",
+    )
     d.add_argument("--device", default="cpu")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
