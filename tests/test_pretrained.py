@@ -48,10 +48,11 @@ def test_unknown_name_lists_available():
 def test_demo_runs_and_writes_table(tmp_path, capsys):
     rows = run_demo(scales=[4], out_dir=tmp_path, progress=False)
     names = [r["model"] for r in rows]
-    assert names[0] == "bicubic" and "edsr_tiny_x4_fp" in names
+    assert names[0] == "bicubic" and "edsr_baseline_x4_fp" in names
+    assert not any(n.startswith("edsr_tiny") for n in names)  # the papers' network is shown
     assert (tmp_path / "demo_table.md").read_text().count("\n") == len(rows) + 2
     assert "PSNR" in capsys.readouterr().out
-    assert (tmp_path / "edsr_tiny_x4_fp" / "astronaut.png").is_file()
+    assert (tmp_path / "edsr_baseline_x4_fp" / "astronaut.png").is_file()
 
 
 def test_packed_shipped_model_loads_bit_exactly(tmp_path, monkeypatch):
