@@ -141,8 +141,8 @@ class Campaign:
         return load_model(Path(ref) / "model" if Path(ref).is_dir() else ref).eval()
 
     def run_names(self) -> list[tuple[str, int]]:
-        """(row, seed) in execution order: seed 0 of every row first, then the other seeds."""
-        rows = [r for r in ROWS if not self.args.rows or r in self.args.rows]
+        """(row, seed) in execution order: seed 0 of every row (``--rows`` order), then seed 1..."""
+        rows = list(self.args.rows) if self.args.rows else list(ROWS)  # in the order given
         order: list[tuple[str, int]] = []
         for seed in range(self.args.seeds):
             for r in rows:
@@ -179,7 +179,8 @@ class Campaign:
                 "lr": spec.get("lr", 1e-4),
                 "lr_step": max(1, it // 2),
                 "lr_gamma": 0.5,
-                "val_every": max(1, it // 4),
+                # Granular-DQ validation runs the tiled controller: validate twice only
+                "val_every": max(1, it // (2 if quant["method"] == "granular_dq" else 4)),
                 "checkpoint_every": max(1, min(50, it // 6)),
                 "num_workers": 0,
             },
@@ -577,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher",
         default=str(ROOT / "configs/photos_edsr_baseline_x4_fp.yaml"),
         help="config of the float teacher (default: %(default)s)",
+    )
+    p.add_argument(
+        "--teacher-from",
+        default=None,
+        metavar="MODEL",
+        help="start every run from this float model (run folder, saved model or "
+        "pretrained:NAME) instead of training the teacher",
     )
     p.add_argument(
         "--teacher-set",

@@ -20,10 +20,19 @@ from .pretrained import list_pretrained, load_pretrained, pretrained_info
 __all__ = ["demo_rows", "run_demo"]
 
 
-def _shipped_by_scale() -> dict[int, list[str]]:
+#: the architecture the demo shows when it is shipped for a scale (the papers' network); the
+#: small ``edsr_tiny`` models serve the tests and are shown with ``all_models=True``
+DEMO_ARCH = "edsr_baseline"
+
+
+def _shipped_by_scale(all_models: bool = False) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for name in list_pretrained():
         out.setdefault(int(pretrained_info(name)["model"]["scale"]), []).append(name)
+    if not all_models:
+        for s, names in out.items():
+            main = [n for n in names if pretrained_info(n)["model"]["name"] == DEMO_ARCH]
+            out[s] = main or names
     # float model first, then by name (method/bits)
     return {s: sorted(v, key=lambda n: (not n.endswith("_fp"), n)) for s, v in sorted(out.items())}
 
@@ -43,9 +52,14 @@ def demo_rows(
     device: str = "cpu",
     progress: bool = True,
     out_dir: str | Path | None = None,
+    all_models: bool = False,
 ) -> list[dict[str, Any]]:
-    """Evaluate bicubic and the shipped models; returns one row per (scale, model)."""
-    shipped = _shipped_by_scale()
+    """Evaluate bicubic and the shipped models; returns one row per (scale, model).
+
+    Per scale, the shipped models of :data:`DEMO_ARCH` when there are any (else every shipped
+    model of that scale); ``all_models=True`` shows every shipped model.
+    """
+    shipped = _shipped_by_scale(all_models)
     if scales:
         missing = [s for s in scales if s not in shipped]
         if missing:
@@ -93,6 +107,7 @@ def run_demo(
     out_dir: str | Path = "demo_out",
     device: str = "cpu",
     progress: bool = True,
+    all_models: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the demo, print the table and save results/images under ``out_dir``.
 
@@ -102,7 +117,9 @@ def run_demo(
     from .data.io import check_output_path
 
     check_output_path(out_dir, folder=True, what="demo results")
-    rows = demo_rows(scales, device=device, progress=progress, out_dir=out_dir)
+    rows = demo_rows(
+        scales, device=device, progress=progress, out_dir=out_dir, all_models=all_models
+    )
     table = format_table(rows)
     print(
         "Bundled test split (scikit-image photos: astronaut, chelsea); PSNR/SSIM on Y, border=scale"

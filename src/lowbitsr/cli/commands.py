@@ -142,7 +142,13 @@ def _check_verdict(parity: list[dict[str, Any]], min_psnr: float) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(scales=args.scale, out_dir=args.out, device=args.device, progress=not args.quiet)
+    run_demo(
+        scales=args.scale,
+        out_dir=args.out,
+        device=args.device,
+        progress=not args.quiet,
+        all_models=args.all,
+    )
     return 0
 
 

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=_positive, nargs="*", default=None, help="scales (default: all shipped)"
     )
     d.add_argument("--out", default="demo_out", help="folder for the SR images (default demo_out)")
+    d.add_argument(
+        "--all",
+        action="store_true",
+        help="every shipped model, also the small edsr_tiny ones kept for tests",
+    )
     d.add_argument("--device", default="cpu")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)

@@ -44,4 +44,9 @@ def load_pretrained(name: str) -> nn.Module:
     from ..checkpoint import load_model
 
     pretrained_info(name)  # raises a helpful error for unknown names
+    if pretrained_info(name).get("format") == "lowbitsr-packed":
+        # quantized weights shipped as bit-packed integer codes (a few times smaller)
+        from ..quant.packed import load_packed
+
+        return load_packed(_DIR / name)
     return load_model(_DIR / name)

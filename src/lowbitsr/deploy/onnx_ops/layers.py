@@ -92,7 +92,8 @@ def _conv(
             # Integer conv: zero-point-free grid indices (``q - zero``, so onnxruntime can use its
             # symmetric-weight kernels) times M, at step/M. Same weights; the int32 bias step
             # x_scale * w_scale becomes M times finer, so its rounding moves the conv output M
-            # times less. M keeps |stored| <= 127 and the u8*s8 pair sums of AVX2 below 2**15.
+            # times less. M keeps |stored| <= 127 and the u8*s8 pair sums below 2**15 (the
+            # saturating 16-bit pair add of AVX2 kernels; VNNI kernels accumulate in 32 bits).
             mult = max(1, min(127 // peak, 32767 // (2 * max(1, in_q.hi) * peak)))
             stored, w_zero, w_step = grid * mult, 0, step * post_scale / mult
         else:
