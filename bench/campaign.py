@@ -220,7 +220,9 @@ class Campaign:
                     ).float()
         finally:
             hook.remove()
-        return [round(float(x), 4) for x in counts / counts.sum()]
+        probs = [round(float(x), 4) for x in counts / counts.sum()]
+        probs[-1] = round(1.0 - sum(probs[:-1]), 4)  # sums to 1 after rounding
+        return probs
 
     # ---- claiming runs (several workers) ------------------------------------------------------
 
