@@ -109,7 +109,7 @@ class TrainConfig:
         amp: ``"none"`` (float32) or ``"bf16"``: the forward and loss run under
             ``torch.autocast(dtype=bfloat16)`` (meant for GPUs; weights, optimizer state,
             quantizer bounds and checkpoints stay float32). On CPUs with AMX (bf16 matrix
-            units) this is about 5x faster than float32 for EDSR-style convs, together with
+            units) this is about 4x faster than float32 for EDSR-style convs, together with
             ``channels_last``.
         channels_last: keep the model and batches in ``torch.channels_last`` memory format
             during training (faster convolutions on CPUs; validation is unaffected).

@@ -43,10 +43,10 @@ def load_pretrained(name: str) -> nn.Module:
     """
     from ..checkpoint import load_model
 
-    pretrained_info(name)  # raises a helpful error for unknown names
-    if pretrained_info(name).get("format") == "lowbitsr-packed":
-        # quantized weights shipped as bit-packed integer codes (a few times smaller)
-        from ..quant.packed import load_packed
+    from ..quant.packed import PACKED_FORMAT, load_packed
 
+    # pretrained_info raises a helpful error for unknown names
+    if pretrained_info(name).get("format") == PACKED_FORMAT:
+        # quantized weights shipped as bit-packed integer codes (a few times smaller)
         return load_packed(_DIR / name)
     return load_model(_DIR / name)
