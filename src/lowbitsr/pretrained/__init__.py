@@ -42,7 +42,6 @@ def load_pretrained(name: str) -> nn.Module:
     Input convention: (N, 3, H, W) float RGB in [0, 255]; output (N, 3, sH, sW) in [0, 255].
     """
     from ..checkpoint import load_model
-
     from ..quant.packed import PACKED_FORMAT, load_packed
 
     # pretrained_info raises a helpful error for unknown names
