@@ -12,7 +12,9 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   ``ddtb_w2a2_nogate`` (no dynamic gates), ``ddtb_w4a4``: DDTB;
 * ``gdq``: Granular-DQ, candidates {4, 6, 8} + E2B; ``gdq_w8``: its fixed 8-bit model;
   ``gdq_random``: a random gate drawing the bits at the frequencies the learned gate of the same
-  seed uses on the training split (then the same E2B).
+  seed uses on the training split (then the same E2B);
+* ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
+  body and upsampler conv between static quantizers, so it exports to integer kernels).
 
 Every 2-bit row and the Granular-DQ learned/random pair run ``--seeds`` seeds (default 3), the
 others one. Each run is a normal training run (``runs/campaign/<row>_s<seed>``: resumable
@@ -83,6 +85,15 @@ ROWS: dict[str, dict[str, Any]] = {
         "quant": {"method": "ddtb", "bits": 2, "dynamic_ratio": 0.0, "recipe": _KD},
         "seeds": True,
     },
+    # the integer layout (every body/upsampler conv between static quantizers, no gates)
+    "ddtb_w4a4_int": {
+        "quant": {"method": "ddtb", "bits": 4, "layout": "integer", "recipe": _KD},
+        "seeds": False,
+    },
+    "ddtb_w2a2_int": {
+        "quant": {"method": "ddtb", "bits": 2, "layout": "integer", "recipe": _KD},
+        "seeds": False,
+    },
 }
 
 #: paired differences printed by ``table``: (label, row A, row B)
@@ -93,6 +104,8 @@ DIFFS = [
     ("DDTB w2a2 gates - no gates", "ddtb_w2a2", "ddtb_w2a2_nogate"),
     ("GDQ learned - random gate", "gdq", "gdq_random"),
     ("GDQ - fixed 8-bit", "gdq", "gdq_w8"),
+    ("DDTB w4a4 integer - paper layout", "ddtb_w4a4_int", "ddtb_w4a4"),
+    ("DDTB w2a2 integer - paper layout", "ddtb_w2a2_int", "ddtb_w2a2"),
 ]
 
 TEST_SETS = {"photos": None, "bundled": {"type": "bundled", "split": "test"}}

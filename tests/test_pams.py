@@ -41,7 +41,14 @@ def pams_model(arch: str, bits: int = 2) -> nn.Module:
 def test_config() -> None:
     cfg = PAMSConfig(bits=4, ema_decay=0.99)
     d = config_to_dict(cfg)
-    assert d == {"method": "pams", "bits": 4, "ema_decay": 0.99, "compat": "default"}
+    assert d == {
+        "method": "pams",
+        "bits": 4,
+        "ema_decay": 0.99,
+        "compat": "default",
+        "layout": "paper",
+        "upsampler_bits": 8,
+    }
     assert config_from_dict(d) == cfg
     assert PAMSConfig().ema_decay == 0.9997  # PAMS's pams_quant_act decay
     with pytest.raises(ConfigError, match="bits"):

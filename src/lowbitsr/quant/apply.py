@@ -36,6 +36,7 @@ from .layers import (
     QuantConv2d,
     QuantDenseLayer,
     QuantGFF,
+    QuantInputConv,
     QuantRDB,
     QuantResBlock,
     QuantSRResBlock,
@@ -81,7 +82,15 @@ _CONFIG_BY_METHOD: dict[str, type] = {cls.method: cls for cls in _TRANSFORMS}  #
 # calibration result (the weights' gate tensors say the same thing and are what loading uses).
 _METADATA_KEYS = ("gated_layers",)
 _ACT_QUANTIZERS = (DDTBActQuant, PAMSActQuant)
-_WRAPPERS = (QuantResBlock, QuantSRResBlock, QuantRDB, QuantDenseLayer, QuantGFF, QuantConv2d)
+_WRAPPERS = (
+    QuantResBlock,
+    QuantSRResBlock,
+    QuantRDB,
+    QuantDenseLayer,
+    QuantGFF,
+    QuantInputConv,
+    QuantConv2d,
+)
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -204,7 +213,7 @@ def _annotate_activation_bits(model: nn.Module, config: QuantConfig) -> None:
         elif isinstance(module, QuantConv2d) and not hasattr(module, "a_bits"):
             module.a_bits = bits
     for module in model.modules():
-        if isinstance(module, QuantResBlock):
+        if isinstance(module, QuantResBlock) and not module.integer:
             module.body[0].a_bits = 32
 
 

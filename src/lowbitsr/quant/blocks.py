@@ -36,6 +36,12 @@ class QuantSpec:
     make_act: Callable[[int, Tensor], nn.Module]
     make_conv: Callable[[nn.Conv2d], nn.Module]
     make_last_conv: Callable[[nn.Conv2d], nn.Module] | None = None
+    #: ``"paper"`` (§1.5) or ``"integer"`` (EDSR only: conv1 reads the quantized block input and
+    #: the upsampler convs and the tail conv get quantized inputs, see :class:`QuantInputConv`)
+    layout: str = "paper"
+    #: integer layout: the upsampler's activation quantizer and conv (``upsampler_bits``)
+    make_wide_act: Callable[[int, Tensor], nn.Module] | None = None
+    make_wide_conv: Callable[[nn.Conv2d], nn.Module] | None = None
 
 
 def _as_float(m: nn.Module) -> nn.Module:
@@ -47,9 +53,11 @@ class QuantResBlock(nn.Module):
 
     ``r = QA1(x); h = QConv1(x); h = QA2(relu(h)); h = QConv2(h) * res_scale; out = QA3(h) + r``
 
-    (conv1 sees the unquantized block input). Keys: ``quant_act1``, ``body.0`` (conv1),
-    ``body.1`` (ReLU), ``body.2`` (conv2), ``quant_act2``, ``quant_act3``.
-    Shapes: N×F×H×W → N×F×H×W.
+    (conv1 sees the unquantized block input). In the integer layout (``integer`` True) conv1
+    reads ``r`` instead, so both convs of the block multiply k-bit codes by k-bit weights and
+    the block output is the sum of two k-bit streams, which the next block's ``QA1`` quantizes
+    again. Keys (both layouts): ``quant_act1``, ``body.0`` (conv1), ``body.1`` (ReLU),
+    ``body.2`` (conv2), ``quant_act2``, ``quant_act3``. Shapes: N×F×H×W → N×F×H×W.
     """
 
     def __init__(self, block: ResBlock, spec: QuantSpec) -> None:
@@ -61,11 +69,12 @@ class QuantResBlock(nn.Module):
         self.quant_act2 = spec.make_act(conv1.out_channels, like)
         self.quant_act3 = spec.make_act(conv2.out_channels, like)
         self.res_scale = block.res_scale
+        self.integer = spec.layout == "integer"
         self.train(block.training)
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.quant_act1(x)
-        h = self.body[1](self.body[0](x))
+        h = self.body[1](self.body[0](r if self.integer else x))
         h = self.body[2](self.quant_act2(h)) * self.res_scale
         return self.quant_act3(h) + r
 
@@ -77,7 +86,24 @@ class QuantResBlock(nn.Module):
         return blk.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"res_scale={self.res_scale:g}"
+        return f"res_scale={self.res_scale:g}" + (", layout=integer" if self.integer else "")
+
+
+class QuantInputConv(nn.Module):
+    """A conv whose input is quantized: ``conv(quant_act(x))`` (integer layout's upsampler convs
+    and tail conv). Keys: ``quant_act``, ``conv``. Shapes: those of ``conv``."""
+
+    def __init__(self, quant_act: nn.Module, conv: nn.Module) -> None:
+        super().__init__()
+        self.quant_act = quant_act
+        self.conv = conv
+        self.train(conv.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.quant_act(x))
+
+    def to_float(self) -> nn.Module:
+        return _as_float(self.conv).train(self.training)
 
 
 class QuantSRResBlock(nn.Module):
@@ -206,10 +232,23 @@ class UnsupportedModelError(ConfigError, TypeError):
 
 
 def _swap_edsr(model: nn.Module, spec: QuantSpec) -> None:
-    # Head, tail/upsampler, mean shifts and the last body conv (a plain Conv2d) stay FP.
+    # Paper layout: head, tail/upsampler, mean shifts and the last body conv (a plain Conv2d) stay
+    # FP. Integer layout: the upsampler convs get a quantized input and quantized weights, the
+    # tail conv (n_feats -> 3, at the output resolution) a quantized input, so that every
+    # upsampler conv sits between two static quantizers and runs on integer kernels.
     for i, blk in enumerate(model.body):
         if isinstance(blk, ResBlock):
             model.body[i] = QuantResBlock(blk, spec)
+    if spec.layout != "integer":
+        return
+    assert spec.make_wide_act is not None and spec.make_wide_conv is not None
+    ups, last = model.tail[0], model.tail[1]
+    for j, m in list(ups.named_children()):
+        if isinstance(m, nn.Conv2d):
+            ups[int(j)] = QuantInputConv(
+                spec.make_wide_act(m.in_channels, m.weight), spec.make_wide_conv(m)
+            )
+    model.tail[1] = QuantInputConv(spec.make_wide_act(last.in_channels, last.weight), last)
 
 
 def _swap_srresnet(model: nn.Module, spec: QuantSpec) -> None:
@@ -249,5 +288,15 @@ def architecture_of(model: nn.Module) -> str:
 
 
 def swap_blocks(model: nn.Module, spec: QuantSpec) -> None:
-    """Replace, in place, every residual block of ``model`` by its quantized wrapper (§1.5)."""
-    _ARCHITECTURES[architecture_of(model)][1](model, spec)
+    """Replace, in place, every residual block of ``model`` by its quantized wrapper (§1.5).
+
+    Raises:
+        ConfigError: ``spec.layout == "integer"`` on another architecture than EDSR.
+    """
+    arch = architecture_of(model)
+    if spec.layout != "paper" and arch != "edsr":
+        raise ConfigError(
+            f"quant.layout: {spec.layout!r} is implemented for EDSR only, not {arch}; use "
+            "'layout: paper'"
+        )
+    _ARCHITECTURES[arch][1](model, spec)

@@ -37,6 +37,10 @@ _WEIGHT_MODE: dict[str, Literal["percentile", "minmax"]] = {
     "rdn": "minmax",
 }
 _COMPAT = ("default", "official")
+_LAYOUTS = ("paper", "integer")
+#: Percentile of the bound initialisation of the integer layout's upsampler quantizers: at 8
+#: bits, clipping 1 % of each tail (the k-bit default) would cost more than the resolution.
+WIDE_PERCENTILE = 99.99
 
 
 def _is_int(v: object) -> bool:
@@ -62,6 +66,14 @@ class DDTBConfig:
         compat: ``"default"`` (the paper's intent: per-sample gate and statistics, trainable gate,
             percentile init at every bit-width) or ``"official"`` (the released code's numerics,
             to load and reproduce the authors' checkpoints).
+        layout: ``"paper"`` (§1.5: conv1 of each block reads the unquantized block input; head,
+            upsampler and tail in float) or ``"integer"`` (EDSR only; conv1 reads the quantized
+            block input, the upsampler convs and the tail conv's input are quantized at
+            ``upsampler_bits``, so every body and upsampler conv can run on integer kernels).
+            The integer layout has no dynamic gates: a per-sample bound is a per-sample scale
+            that integer convolution kernels do not take (``dynamic_ratio`` must be 0 or null).
+        upsampler_bits: integer layout: bit-width of the upsampler's weights (symmetric,
+            per tensor) and of the quantizers before the upsampler convs and the tail (8).
     """
 
     method: ClassVar[str] = "ddtb"
@@ -72,8 +84,23 @@ class DDTBConfig:
     gate_bits: int = 2
     calib_percentile: float | None = None
     compat: Literal["default", "official"] = "default"
+    layout: Literal["paper", "integer"] = "paper"
+    upsampler_bits: int = 8
 
     def __post_init__(self) -> None:
+        check_layout(self.layout, self.upsampler_bits)
+        if self.layout == "integer":
+            if self.dynamic_ratio:
+                raise ConfigError(
+                    f"quant.dynamic_ratio: the integer layout has static bounds only (a gate's "
+                    f"per-sample scale does not fit integer kernels), got {self.dynamic_ratio!r}; "
+                    "remove the key or use 'layout: paper'"
+                )
+            if self.compat == "official":
+                raise ConfigError(
+                    "quant.layout: 'integer' is not the authors' layout; use it with "
+                    "'compat: default'"
+                )
         if not _is_int(self.bits) or self.bits not in (2, 3, 4):
             raise ConfigError(
                 f"quant.bits: DDTB quantizes to 2, 3 or 4 bits, got {self.bits!r}; write e.g. "
@@ -112,8 +139,29 @@ class DDTBConfig:
             )
 
 
+def check_layout(layout: object, upsampler_bits: object) -> None:
+    """Validate the ``layout`` and ``upsampler_bits`` keys shared by DDTB and PAMS.
+
+    Raises:
+        ConfigError: an unknown layout or a bit-width outside 2..8 (the key named).
+    """
+    if layout not in _LAYOUTS:
+        raise ConfigError(
+            f"quant.layout: must be 'paper' or 'integer', got {layout!r}; 'integer' quantizes "
+            "every body and upsampler conv input so the model runs on integer kernels"
+        )
+    if not _is_int(upsampler_bits) or not 2 <= upsampler_bits <= 8:  # type: ignore[operator]
+        raise ConfigError(
+            f"quant.upsampler_bits: must be an int in 2..8, got {upsampler_bits!r}; write e.g. "
+            "'upsampler_bits: 8'"
+        )
+
+
 def resolved_ratio(config: DDTBConfig, arch: str) -> float:
-    """``config.dynamic_ratio``, or the architecture default when it is None."""
+    """``config.dynamic_ratio``, or the architecture default when it is None (0 in the integer
+    layout, which has no gates)."""
+    if config.layout == "integer":
+        return 0.0
     return DDTB_DEFAULT_RATIO[arch] if config.dynamic_ratio is None else config.dynamic_ratio
 
 
@@ -152,7 +200,34 @@ def ddtb_transform(model: nn.Module, config: DDTBConfig) -> None:
             conv, w_bits=config.bits, w_mode=w_mode, clamp_codes=not official
         )
 
+    def make_wide_act(channels: int, like: Tensor) -> nn.Module:
+        return DDTBActQuant(
+            config.upsampler_bits,
+            channels,
+            calib_percentile=WIDE_PERCENTILE,
+            device=like.device,
+            dtype=like.dtype,
+        )
+
     # The authors' DDTB_RDN also min/max-quantizes GFF.1's weight (not its input); our layout
     # (docs/methods.md §1.5) keeps the last body conv FP, so only the official compat mode does it.
     last = make_conv if (official and arch == "rdn") else None
-    swap_blocks(model, QuantSpec("ddtb", make_act, make_conv, last))
+    spec = QuantSpec(
+        "ddtb",
+        make_act,
+        make_conv,
+        last,
+        layout=config.layout,
+        make_wide_act=make_wide_act,
+        make_wide_conv=lambda conv: wide_conv(conv, config.upsampler_bits),
+    )
+    swap_blocks(model, spec)
+
+
+def wide_conv(conv: nn.Conv2d, bits: int) -> QuantConv2d:
+    """An upsampler conv of the integer layout: symmetric per-tensor max-abs weights at ``bits``
+    (codes ``-(2**(bits-1)-1) .. 2**(bits-1)-1``: zero-point-free, what the s8 weight kernels
+    take), its input at ``bits`` too (``a_bits``, for the BitOPs count)."""
+    q = QuantConv2d.from_float(conv, w_bits=bits, w_mode="pams")
+    q.a_bits = bits
+    return q

@@ -12,7 +12,8 @@ module                   what (``docs/methods.md`` section)
 :class:`DDTBActQuant`    activation quantizer with two trainable bounds, optional gate (§1.1, §1.3)
 :class:`DynamicGate`     the per-sample bound-scaling controller (§1.3)
 :class:`PAMSActQuant`    symmetric activation quantizer with one learned clip ``alpha`` (§1.8)
-:class:`QuantResBlock`   EDSR block with the §1.5 quantizer positions
+:class:`QuantResBlock`   EDSR block with the §1.5 quantizer positions (or the integer layout)
+:class:`QuantInputConv`  a conv with a quantized input (integer layout's upsampler and tail)
 :class:`QuantSRResBlock` SRResNet block (§1.5)
 :class:`QuantDenseLayer` / :class:`QuantRDB` / :class:`QuantGFF`   RDN pieces (§1.5)
 =======================  ===========================================================================
@@ -31,6 +32,7 @@ from __future__ import annotations
 from .blocks import (
     QuantDenseLayer,
     QuantGFF,
+    QuantInputConv,
     QuantRDB,
     QuantResBlock,
     QuantSpec,
@@ -59,6 +61,7 @@ __all__ = [
     "QuantConv2d",
     "QuantDenseLayer",
     "QuantGFF",
+    "QuantInputConv",
     "QuantRDB",
     "QuantResBlock",
     "QuantSRResBlock",

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .ddtb import check_layout, wide_conv
 from .layers import PAMSActQuant, QuantConv2d, QuantSpec, swap_blocks
 
 __all__ = ["PAMSConfig", "pams_transform"]
@@ -31,6 +32,9 @@ class PAMSConfig:
         bits: weight and activation bit-width, 2..8.
         ema_decay: decay of the ``alpha`` EMA over the calibration batches (PAMS: 0.9997).
         compat: only ``"default"`` (the PAMS numerics are reproduced as is).
+        layout: ``"paper"`` (§1.5) or ``"integer"`` (EDSR only, see
+            :class:`~lowbitsr.quant.ddtb.DDTBConfig`).
+        upsampler_bits: integer layout: bit-width of the upsampler weights and inputs (8).
     """
 
     method: ClassVar[str] = "pams"
@@ -38,8 +42,11 @@ class PAMSConfig:
     bits: int = 2
     ema_decay: float = 0.9997
     compat: Literal["default"] = "default"
+    layout: Literal["paper", "integer"] = "paper"
+    upsampler_bits: int = 8
 
     def __post_init__(self) -> None:
+        check_layout(self.layout, self.upsampler_bits)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(
                 f"quant.bits: PAMS quantizes to 2..8 bits, got {self.bits!r}; write e.g. 'bits: 4'"
@@ -73,4 +80,19 @@ def pams_transform(model: nn.Module, config: PAMSConfig) -> None:
     def make_conv(conv: nn.Conv2d) -> nn.Module:
         return QuantConv2d.from_float(conv, w_bits=config.bits, w_mode="pams")
 
-    swap_blocks(model, QuantSpec("pams", make_act, make_conv, None))
+    def make_wide_act(channels: int, like: Tensor) -> nn.Module:
+        del channels
+        return PAMSActQuant(
+            config.upsampler_bits, ema_decay=config.ema_decay, device=like.device, dtype=like.dtype
+        )
+
+    spec = QuantSpec(
+        "pams",
+        make_act,
+        make_conv,
+        None,
+        layout=config.layout,
+        make_wide_act=make_wide_act,
+        make_wide_conv=lambda conv: wide_conv(conv, config.upsampler_bits),
+    )
+    swap_blocks(model, spec)

@@ -207,6 +207,12 @@ class QuantConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, w_bits={self.w_bits}, w_mode={self.w_mode}"
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    # Under bf16/fp16 autocast a conv hands its output on in half precision; the rounding to
+    # 2-4-bit codes is done in float32 so the codes do not depend on the training precision.
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 # --------------------------------------------------------------------------------- DDTB gate
 class DynamicGate(nn.Module):
     """DDTB's dynamic gate controller (docs/methods.md §1.3): layer input → two bound logits.
@@ -442,6 +448,7 @@ class DDTBActQuant(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         self.last_logits = None
+        x = _full_precision(x)
         if self.recording:
             self._record(x)
         if not self.enabled:
@@ -525,6 +532,7 @@ class PAMSActQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        x = _full_precision(x)
         if self.ema_mode:
             self._ema_update(x)
             return _pams_quant_unclipped(x, self.alpha, self.bits)

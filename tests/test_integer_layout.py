@@ -1,0 +1,126 @@
+"""The integer layout (``layout: integer``): quantizer positions, configs, round trips, and its
+ONNX export running every body and upsampler conv on onnxruntime's integer kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import float_model, lr_batches
+from lowbitsr.checkpoint import load_model, save_model
+from lowbitsr.errors import ConfigError
+from lowbitsr.models import create_model
+from lowbitsr.quant.apply import config_from_dict, dequantize, quantize, quantizers
+from lowbitsr.quant.bitops import count_bitops
+from lowbitsr.quant.calibrate import calibrate
+from lowbitsr.quant.layers import DDTBActQuant, QuantInputConv, QuantResBlock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def edsr(scale: int = 4, blocks: int = 2, feats: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("edsr_baseline", scale=scale, n_resblocks=blocks, n_feats=feats).eval()
+
+
+def integer_model(method: str, bits: int, scale: int = 4) -> nn.Module:
+    q = quantize(edsr(scale), config_from_dict({"method": method, "bits": bits, "layout": "integer"}))
+    calibrate(q, lr_batches(n=4, size=16))
+    return q.eval()
+
+
+def conv_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """The input of every conv of ``model`` on ``x`` (forward pre-hooks)."""
+    seen: dict[str, Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, n=name: seen.__setitem__(n, a[0].detach()))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and "mean" not in name
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def n_levels(t: Tensor) -> int:
+    return int(torch.unique(t).numel())
+
+
+# ------------------------------------------------------------------------------------- configs
+def test_layout_config_validation() -> None:
+    assert config_from_dict({"method": "ddtb"}).layout == "paper"
+    with pytest.raises(ConfigError, match="quant.layout"):
+        config_from_dict({"method": "ddtb", "layout": "int"})
+    with pytest.raises(ConfigError, match="upsampler_bits"):
+        config_from_dict({"method": "pams", "layout": "integer", "upsampler_bits": 9})
+    with pytest.raises(ConfigError, match="dynamic_ratio"):
+        config_from_dict({"method": "ddtb", "layout": "integer", "dynamic_ratio": 0.3})
+    with pytest.raises(ConfigError, match="compat"):
+        config_from_dict({"method": "ddtb", "layout": "integer", "compat": "official"})
+    for arch in ("rdn", "srresnet"):
+        with pytest.raises(ConfigError, match="EDSR only"):
+            quantize(float_model(arch), config_from_dict({"method": "ddtb", "layout": "integer"}))
+
+
+# ----------------------------------------------------------------------------------- positions
+@pytest.mark.parametrize("method", ["ddtb", "pams"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_body_and_upsampler_conv_reads_quantized_codes(method: str, bits: int) -> None:
+    q = integer_model(method, bits)
+    x = lr_batches(n=1, batch=1, size=16, seed=7)[0]
+    ins = conv_inputs(q, x)
+    k_levels = 2**bits
+    for i in range(2):
+        for j in (0, 2):  # conv1 reads the quantized block input, conv2 the quantized ReLU
+            assert n_levels(ins[f"body.{i}.body.{j}"]) <= k_levels, (i, j)
+    for name in ("tail.0.0.conv", "tail.0.2.conv", "tail.1.conv"):
+        assert 2**bits < n_levels(ins[name]) <= 256, name
+    assert n_levels(ins["head.0"]) > 256  # the image, float
+    # the last body conv reads the last block's output, a sum of two k-bit streams (float conv)
+    assert n_levels(ins["body.2"]) <= k_levels**2
+    # no gates in this layout, even where the paper layout would attach them
+    assert all(getattr(m, "gate", None) is None for _, m in quantizers(q))
+    # upsampler weights: symmetric 8-bit codes
+    w = q.tail[0][0].conv.quantized_weight()
+    assert n_levels(w) <= 255
+
+
+def test_paper_layout_conv1_still_reads_float_input() -> None:
+    q = quantize(edsr(), config_from_dict({"method": "ddtb", "bits": 2}))
+    calibrate(q, lr_batches(n=4, size=16))
+    ins = conv_inputs(q.eval(), lr_batches(n=1, batch=1, size=16, seed=7)[0])
+    assert n_levels(ins["body.0.body.0"]) > 64
+    assert not any(isinstance(m, QuantInputConv) for m in q.modules())
+
+
+def test_integer_layout_changes_the_output_and_counts_fewer_bitops() -> None:
+    x = lr_batches(n=1, batch=1, size=16, seed=3)[0]
+    paper = quantize(edsr(), config_from_dict({"method": "ddtb", "bits": 4, "dynamic_ratio": 0}))
+    calibrate(paper, lr_batches(n=4, size=16))
+    integer = integer_model("ddtb", 4)
+    with torch.no_grad():
+        assert not torch.equal(paper.eval()(x), integer(x))
+    b_paper = count_bitops(paper, (1, 3, 16, 16))["bitops"]
+    b_int = count_bitops(integer, (1, 3, 16, 16))["bitops"]
+    assert b_int < 0.5 * b_paper  # conv1 and the upsampler no longer count 32-bit operands
+
+
+def test_save_load_and_dequantize_round_trip(tmp_path: Path) -> None:
+    q = integer_model("ddtb", 2)
+    x = lr_batches(n=1, batch=2, size=16, seed=5)[0]
+    path = save_model(q, tmp_path / "int")
+    back = load_model(path).eval()
+    assert back.quant_config_dict["layout"] == "integer"
+    assert sum(isinstance(m, QuantResBlock) and m.integer for m in back.modules()) == 2
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    f = dequantize(q)
+    ref = edsr()
+    with torch.no_grad():
+        assert torch.equal(f(x), ref(x))
+    assert not any(isinstance(m, (DDTBActQuant, QuantInputConv)) for m in f.modules())
