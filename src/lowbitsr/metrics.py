@@ -137,8 +137,11 @@ _BAND = 512  # image rows per step of the banded computations (bounds their memo
 
 
 def _is_uint8_rgb(img: ArrayOrTensor) -> bool:
-    return isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and (
-        img.shape[2] == 3
+    return (
+        isinstance(img, np.ndarray)
+        and img.dtype == np.uint8
+        and img.ndim == 3
+        and (img.shape[2] == 3)
     )
 
 

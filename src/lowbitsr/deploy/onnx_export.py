@@ -135,6 +135,11 @@ __all__ = [
 
 
 DEFAULT_OPSET = 17
+#: The pixel shuffle each runtime runs fastest (``export_onnx(target=...)``).
+_TARGETS: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"pixel_shuffle": "transpose"},
+    "openvino": {"pixel_shuffle": "depth_to_space"},
+}
 
 
 @dataclass
@@ -427,7 +432,8 @@ def export_onnx(
     integer_convs: bool = True,
     float_conv_weights: str = "float",
     static_gates: bool | Mapping[str, tuple[float, float]] = False,
-    pixel_shuffle: str = "transpose",
+    pixel_shuffle: str | None = None,
+    target: str = "onnxruntime",
 ) -> ExportReport:
     """Export an SR model to ONNX (module docstring: what is integer and what stays float).
 
@@ -464,9 +470,13 @@ def export_onnx(
             of the per-sample gate. True: ``m = 1`` (the gate's identity, ``c = 0``); a mapping
             quantizer name → ``(m_upper, m_lower)``, e.g. from :func:`mean_gate_multipliers`.
             Listed in :attr:`ExportReport.static_gates`; measure its PSNR before shipping.
-        pixel_shuffle: ``"transpose"`` (default: Reshape/Transpose row moves, faster in
-            onnxruntime than its DepthToSpace) or ``"depth_to_space"`` (one ``DepthToSpace``,
-            CRD). Both move the same values.
+        pixel_shuffle: ``"transpose"`` (Reshape/Transpose row moves, faster in onnxruntime
+            than its DepthToSpace) or ``"depth_to_space"`` (one ``DepthToSpace``, CRD); None =
+            the target's choice. Both move the same values.
+        target: the runtime the graph is tuned for (the same numbers either way):
+            ``"onnxruntime"`` (default) or ``"openvino"``; it picks the pixel shuffle form when
+            ``pixel_shuffle`` is None (Reshape/Transpose for onnxruntime, DepthToSpace for
+            OpenVINO, each measured faster on its runtime).
 
     Returns:
         :class:`ExportReport`.
@@ -492,6 +502,12 @@ def export_onnx(
             "export_onnx: float_conv_weights must be 'float' or 'codes', got "
             f"{float_conv_weights!r}"
         )
+    if target not in _TARGETS:
+        raise ExportError(
+            f"export_onnx: target must be one of {', '.join(_TARGETS)}, got {target!r}"
+        )
+    if pixel_shuffle is None:
+        pixel_shuffle = _TARGETS[target]["pixel_shuffle"]
     if pixel_shuffle not in ("transpose", "depth_to_space"):
         raise ExportError(
             "export_onnx: pixel_shuffle must be 'transpose' or 'depth_to_space', got "

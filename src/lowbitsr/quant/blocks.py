@@ -90,17 +90,22 @@ class QuantResBlock(nn.Module):
 
 
 class QuantInputConv(nn.Module):
-    """A conv whose input is quantized: ``conv(quant_act(x))`` (integer layout's upsampler convs
-    and tail conv). Keys: ``quant_act``, ``conv``. Shapes: those of ``conv``."""
+    """A conv whose input is quantized: ``conv(quant_act(x))``, its output too when
+    ``quant_out`` is given (integer layout's upsampler convs and tail conv). Keys:
+    ``quant_act``, ``conv``, ``quant_out``. Shapes: those of ``conv``."""
 
-    def __init__(self, quant_act: nn.Module, conv: nn.Module) -> None:
+    def __init__(
+        self, quant_act: nn.Module, conv: nn.Module, quant_out: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.quant_act = quant_act
         self.conv = conv
+        self.register_module("quant_out", quant_out)
         self.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(self.quant_act(x))
+        y = self.conv(self.quant_act(x))
+        return y if self.quant_out is None else self.quant_out(y)
 
     def to_float(self) -> nn.Module:
         return _as_float(self.conv).train(self.training)
@@ -233,9 +238,11 @@ class UnsupportedModelError(ConfigError, TypeError):
 
 def _swap_edsr(model: nn.Module, spec: QuantSpec) -> None:
     # Paper layout: head, tail/upsampler, mean shifts and the last body conv (a plain Conv2d) stay
-    # FP. Integer layout: the upsampler convs get a quantized input and quantized weights, the
-    # tail conv (n_feats -> 3, at the output resolution) a quantized input, so that every
-    # upsampler conv sits between two static quantizers and runs on integer kernels.
+    # FP. Integer layout: the upsampler convs and the tail conv (n_feats -> 3, at the output
+    # resolution) get a quantized input and quantized weights, and the tail conv a quantized
+    # output (8 bits over the image range, about one grey level per step: the rounding the
+    # output image gets anyway), so that every conv after the body sits between two static
+    # quantizers and runs on integer kernels.
     for i, blk in enumerate(model.body):
         if isinstance(blk, ResBlock):
             model.body[i] = QuantResBlock(blk, spec)
@@ -248,7 +255,11 @@ def _swap_edsr(model: nn.Module, spec: QuantSpec) -> None:
             ups[int(j)] = QuantInputConv(
                 spec.make_wide_act(m.in_channels, m.weight), spec.make_wide_conv(m)
             )
-    model.tail[1] = QuantInputConv(spec.make_wide_act(last.in_channels, last.weight), last)
+    model.tail[1] = QuantInputConv(
+        spec.make_wide_act(last.in_channels, last.weight),
+        spec.make_wide_conv(last),
+        spec.make_wide_act(last.out_channels, last.weight),
+    )
 
 
 def _swap_srresnet(model: nn.Module, spec: QuantSpec) -> None:

@@ -8,15 +8,17 @@ from ...models.edsr import EDSR, ResBlock
 from ...models.rdn import RDB, RDN, DenseLayer
 from ...models.srresnet import SRResBlock, SRResNet
 from ...quant.layers import (
+    QuantConv2d,
     QuantDenseLayer,
     QuantGFF,
+    QuantInputConv,
     QuantRDB,
     QuantResBlock,
     QuantSRResBlock,
 )
 from .graph import ExportError, _Graph, _QParams
-from .layers import _bn, _conv, _prelu, _seq
-from .quantizers import _act, _is_static
+from .layers import _bn, _conv, _pixel_shuffle, _prelu, _seq
+from .quantizers import _act, _act_codes, _dequant, _is_static
 
 
 # ------------------------------------------------------------------------------ architectures
@@ -26,7 +28,9 @@ def _edsr(g: _Graph, lr: str, model: EDSR) -> str:
     h = x
     for i, blk in enumerate(model.body):
         name = f"body.{i}"
-        if isinstance(blk, QuantResBlock):
+        if isinstance(blk, QuantResBlock) and blk.integer:
+            h = _int_block(g, h, blk, name)
+        elif isinstance(blk, QuantResBlock):
             r, _ = _act(g, h, blk.quant_act1, f"{name}.quant_act1")
             t = _conv(g, h, blk.body[0], f"{name}.body.0")
             t = _seq(g, t, blk.body[1], f"{name}.body.1")
@@ -52,7 +56,109 @@ def _edsr(g: _Graph, lr: str, model: EDSR) -> str:
         else:
             h = _seq(g, h, blk, name)
     feat = g.op("Add", [h, x], "body")
+    if any(isinstance(m, QuantInputConv) for m in model.tail.modules()):
+        return _conv(g, _int_tail(g, feat, model.tail), model.add_mean, "add_mean")
     return _conv(g, _seq(g, feat, model.tail, "tail"), model.add_mean, "add_mean")
+
+
+def _int_block(g: _Graph, h: str, blk: QuantResBlock, name: str) -> str:
+    """An integer-layout EDSR block: ``r = QA1(h)`` feeds conv1 and the skip; conv1 → ReLU →
+    QA2 with the ReLU folded into QA2's Clip, so ``DQ → Conv → Q`` becomes ``QLinearConv``; the
+    block's ``Add`` of two dequantized streams, quantized by the next block's QA1, becomes
+    ``QLinearAdd``."""
+    r, qp1 = _act(g, h, blk.quant_act1, f"{name}.quant_act1")
+    c2 = None
+    if qp1 is not None and g.integer_convs and _is_static(g, blk.quant_act2):
+        t = _conv(g, r, blk.body[0], f"{name}.body.0", in_q=qp1, fuse=True)
+        c2 = _act_codes(g, t, blk.quant_act2, f"{name}.quant_act2", relu=True)
+    if c2 is None:
+        between = qp1 is not None and _is_static(g, blk.quant_act2)
+        t = _conv(g, r, blk.body[0], f"{name}.body.0", in_q=qp1, qdq_float=between)
+        t, qp2 = _act(
+            g, _seq(g, t, blk.body[1], f"{name}.body.1"), blk.quant_act2, f"{name}.quant_act2"
+        )
+    else:
+        t, qp2 = _dequant(g, c2[0], c2[1], f"{name}.quant_act2"), c2[1]
+    between = qp2 is not None and _is_static(g, blk.quant_act3)
+    t = _conv(
+        g,
+        t,
+        blk.body[2],
+        f"{name}.body.2",
+        in_q=qp2,
+        fuse=between and g.integer_convs,
+        qdq_float=between and not g.integer_convs,
+        post_scale=blk.res_scale,
+    )
+    t, _ = _act(g, t, blk.quant_act3, f"{name}.quant_act3")
+    return g.op("Add", [t, r], name)
+
+
+def _int_tail(g: _Graph, feat: str, tail: nn.Module) -> str:
+    """The integer layout's tail: upsampler convs (:class:`QuantInputConv`) whose output is
+    quantized by the next conv's input quantizer *before* the pixel shuffle (exact: quantization
+    is elementwise, the shuffle a permutation), so each is ``DQ → Conv → Q`` (``QLinearConv``)
+    and the shuffle moves 8-bit codes. The tail conv (float weights) reads dequantized codes."""
+    mods = [(f"tail.0.{j}", m) for j, m in tail[0].named_children()] + [("tail.1", tail[1])]
+    x, codes = feat, None  # codes: (name, QParams) of the next quantizer's codes of x
+    for k, (name, m) in enumerate(mods):
+        if isinstance(m, nn.PixelShuffle):
+            r = int(m.upscale_factor)
+            if codes is not None:
+                codes = (_pixel_shuffle(g, codes[0], r, name), codes[1])
+            else:
+                x = _pixel_shuffle(g, x, r, name)
+            continue
+        if not isinstance(m, QuantInputConv):
+            if codes is not None:
+                x, codes = _dequant(g, codes[0], codes[1], name), None
+            x = _seq(g, x, m, name)
+            continue
+        if codes is not None:
+            x, qp = _dequant(g, codes[0], codes[1], f"{name}.quant_act"), codes[1]
+            codes = None
+        else:
+            x, qp = _act(g, x, m.quant_act, f"{name}.quant_act")
+        # the next quantizer: this conv's own output quantizer, or the next conv's input
+        # quantizer if only pixel shuffles lie between
+        nxt = None
+        if m.quant_out is not None:
+            nxt = (f"{name}.quant_out", m.quant_out)
+        else:
+            for nname, nm in mods[k + 1 :]:
+                if isinstance(nm, QuantInputConv):
+                    nxt = (f"{nname}.quant_act", nm.quant_act)
+                if not isinstance(nm, nn.PixelShuffle):
+                    break
+        fuse = (
+            qp is not None
+            and nxt is not None
+            and isinstance(m.conv, QuantConv2d)
+            and _is_static(g, nxt[1])
+        )
+        y = _conv(
+            g,
+            x,
+            m.conv,
+            f"{name}.conv",
+            in_q=qp,
+            fuse=fuse and g.integer_convs,
+            qdq_float=fuse and not g.integer_convs,
+        )
+        c = None
+        if fuse and g.integer_convs:
+            c = _act_codes(g, y, nxt[1], nxt[0])  # type: ignore[index]
+        if c is None:
+            x = y
+            if m.quant_out is not None:
+                x, _ = _act(g, x, m.quant_out, f"{name}.quant_out")
+        elif m.quant_out is not None:
+            x = _dequant(g, c[0], c[1], f"{name}.quant_out")
+        else:
+            codes = c
+    if codes is not None:
+        x = _dequant(g, codes[0], codes[1], "tail")
+    return x
 
 
 def _srresnet(g: _Graph, lr: str, model: SRResNet) -> str:

@@ -143,12 +143,58 @@ def _ddtb_static_params(
     return _QParams(float(np.float32(1.0 / float(s))), zero, container, hi), lo, hi
 
 
-def _qcdq(g: _Graph, x: str, qp: _QParams, lo: int, hi: int, name: str) -> str:
+def _codes(g: _Graph, x: str, qp: _QParams, lo: int, hi: int, name: str, relu: bool = False) -> str:
+    """``QuantizeLinear → Clip``: the 8-bit container codes of ``x``. ``relu``: the quantizer
+    reads ``relu(x)``; folded into the Clip's lower end, the code of 0 (the zero point), which is
+    exact: ``Q(relu(x)) = max(Q(x), Q(0))`` (rounding is monotone and 0 is a grid point)."""
     dtype = np.int8 if qp.container == "int8" else np.uint8
-    step, zero = g.const(qp.step), g.const(qp.zero, dtype)
-    c = g.op("QuantizeLinear", [x, step, zero], name)
-    c = g.op("Clip", [c, g.const(lo, dtype), g.const(hi, dtype)], name)
-    return g.op("DequantizeLinear", [c, step, zero], name)
+    c = g.op("QuantizeLinear", [x, g.const(qp.step), g.const(qp.zero, dtype)], name)
+    floor = max(lo, qp.zero) if relu else lo
+    info = np.iinfo(dtype)
+    if floor == info.min and hi == info.max:  # 8-bit codes: the Clip would be a no-op
+        return c
+    return g.op("Clip", [c, g.const(floor, dtype), g.const(hi, dtype)], name)
+
+
+def _dequant(g: _Graph, codes: str, qp: _QParams, name: str) -> str:
+    dtype = np.int8 if qp.container == "int8" else np.uint8
+    return g.op("DequantizeLinear", [codes, g.const(qp.step), g.const(qp.zero, dtype)], name)
+
+
+def _qcdq(g: _Graph, x: str, qp: _QParams, lo: int, hi: int, name: str) -> str:
+    return _dequant(g, _codes(g, x, qp, lo, hi, name), qp, name)
+
+
+def _pams_params(q: PAMSActQuant, container: str, name: str) -> tuple[_QParams, int, int]:
+    qmax = 2 ** (q.bits - 1) - 1
+    alpha = float(q.alpha.detach().cpu().float()[0])
+    if alpha <= 0:
+        raise ExportError(f"{name}: PAMS alpha must be > 0, got {alpha}")
+    zero, lo, hi = _container(0, -qmax, qmax, container)  # type: ignore[misc]
+    return _QParams(float(np.float32(alpha / qmax)), zero, container, hi), lo, hi
+
+
+def _static_params(g: _Graph, q: nn.Module | None, name: str) -> tuple[_QParams, int, int] | None:
+    """``(QParams, code_min, code_max)`` of a static, ungated quantizer; None otherwise."""
+    if not _is_static(g, q) or (isinstance(q, DDTBActQuant) and q.gate is not None):
+        return None
+    if isinstance(q, PAMSActQuant):
+        return _pams_params(q, g.container, name)
+    return _ddtb_static_params(q, g.container)  # type: ignore[arg-type]
+
+
+def _act_codes(
+    g: _Graph, x: str, q: nn.Module | None, name: str, relu: bool = False
+) -> tuple[str, _QParams] | None:
+    """A static quantizer as its codes only (``QuantizeLinear → Clip``, see :func:`_codes`), for
+    the integer layout, where codes move (pixel shuffle) before they are dequantized. None when
+    ``q`` is not a static quantizer that fits the container."""
+    static = _static_params(g, q, name)
+    if static is None:
+        return None
+    qp, lo, hi = static
+    g.report_qcdq.append(name)
+    return _codes(g, x, qp, lo, hi, name, relu), qp
 
 
 def _act(g: _Graph, x: str, q: nn.Module | None, name: str) -> tuple[str, _QParams | None]:
@@ -157,12 +203,7 @@ def _act(g: _Graph, x: str, q: nn.Module | None, name: str) -> tuple[str, _QPara
     if q is None or not getattr(q, "enabled", True):
         return x, None
     if isinstance(q, PAMSActQuant):
-        qmax = 2 ** (q.bits - 1) - 1
-        alpha = float(q.alpha.detach().cpu().float()[0])
-        if alpha <= 0:
-            raise ExportError(f"{name}: PAMS alpha must be > 0, got {alpha}")
-        zero, lo, hi = _container(0, -qmax, qmax, g.container)  # type: ignore[misc]
-        qp = _QParams(float(np.float32(alpha / qmax)), zero, g.container, hi)
+        qp, lo, hi = _pams_params(q, g.container, name)
         g.report_qcdq.append(name)
         return _qcdq(g, x, qp, lo, hi, name), qp
     if isinstance(q, DDTBActQuant):
