@@ -51,8 +51,16 @@ def main() -> None:
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     t0 = time.time()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(TESTS / "dist_worker.py"), str(out), *SCENARIOS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(TESTS / "dist_worker.py"),
+        str(out),
+        *SCENARIOS,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])

@@ -46,8 +46,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     _eval_images(out / "eval_images")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(out), *SCENARIOS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+        *SCENARIOS,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in SCENARIOS:  # single-process references, same code
@@ -142,8 +150,16 @@ def test_only_rank0_writes_run_files(runs: Path) -> None:
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "lowbitsr", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lowbitsr",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
@@ -165,13 +181,32 @@ def test_torchrun_cli_train_and_sharded_eval(tmp_path: Path) -> None:
     assert json.loads((run / "model.json").read_text())["meta"]["processes"] == 2
 
     proc = _torchrun(
-        ["eval", "--quiet", str(run / "model"), "--dataset", "bundled:test",
-         "--json-dir", str(tmp_path / "dist")],
+        [
+            "eval",
+            "--quiet",
+            str(run / "model"),
+            "--dataset",
+            "bundled:test",
+            "--json-dir",
+            str(tmp_path / "dist"),
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(["eval", "--quiet", str(run / "model"), "--dataset", "bundled:test",
-                 "--json-dir", str(tmp_path / "single")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--quiet",
+                str(run / "model"),
+                "--dataset",
+                "bundled:test",
+                "--json-dir",
+                str(tmp_path / "single"),
+            ]
+        )
+        == 0
+    )
     (d,) = (tmp_path / "dist").glob("*.json")
     (s,) = (tmp_path / "single").glob("*.json")
     dist_res, single_res = json.loads(d.read_text()), json.loads(s.read_text())

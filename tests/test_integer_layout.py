@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from conftest import float_model, lr_batches
 from lowbitsr.checkpoint import load_model, save_model
-from lowbitsr.errors import ConfigError
+from lowbitsr.errors import ConfigError, LowbitsrError
 from lowbitsr.models import create_model
 from lowbitsr.quant.apply import config_from_dict, dequantize, quantize, quantizers
 from lowbitsr.quant.bitops import count_bitops
 from lowbitsr.quant.calibrate import calibrate
-from lowbitsr.quant.layers import DDTBActQuant, QuantInputConv, QuantResBlock
+from lowbitsr.quant.layers import DDTBActQuant, QuantConv2d, QuantInputConv, QuantResBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,8 @@ def edsr(scale: int = 4, blocks: int = 2, feats: int = 16) -> nn.Module:
 
 
 def integer_model(method: str, bits: int, scale: int = 4) -> nn.Module:
-    q = quantize(edsr(scale), config_from_dict({"method": method, "bits": bits, "layout": "integer"}))
+    cfg = config_from_dict({"method": method, "bits": bits, "layout": "integer"})
+    q = quantize(edsr(scale), cfg)
     calibrate(q, lr_batches(n=4, size=16))
     return q.eval()
 
@@ -54,7 +55,7 @@ def n_levels(t: Tensor) -> int:
 # ------------------------------------------------------------------------------------- configs
 def test_layout_config_validation() -> None:
     assert config_from_dict({"method": "ddtb"}).layout == "paper"
-    with pytest.raises(ConfigError, match="quant.layout"):
+    with pytest.raises(ConfigError, match=r"quant\.layout"):
         config_from_dict({"method": "ddtb", "layout": "int"})
     with pytest.raises(ConfigError, match="upsampler_bits"):
         config_from_dict({"method": "pams", "layout": "integer", "upsampler_bits": 9})
@@ -124,3 +125,95 @@ def test_save_load_and_dequantize_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(f(x), ref(x))
     assert not any(isinstance(m, (DDTBActQuant, QuantInputConv)) for m in f.modules())
+
+
+# -------------------------------------------------------------------------------------- export
+def _check_inputs() -> list:
+    return [b.numpy() for b in lr_batches(n=2, batch=1, size=20, seed=9)]
+
+
+@pytest.mark.parametrize(("method", "bits"), [("ddtb", 4), ("ddtb", 2), ("pams", 4)])
+def test_export_runs_every_quantized_conv_as_qlinearconv(
+    tmp_path: Path, method: str, bits: int
+) -> None:
+    from lowbitsr.deploy import export_onnx
+
+    q = integer_model(method, bits)
+    r = export_onnx(q, tmp_path / "m.onnx", check_inputs=_check_inputs())
+    ops = {k.split(":")[-1]: v for k, v in r.optimized_ops.items()}
+    n_quantized = sum(isinstance(m, QuantConv2d) for m in q.modules())
+    assert n_quantized == 2 * 2 + 3  # two blocks, two upsampler convs, the tail conv
+    # a quantized conv that fell back to float would lower this count
+    assert ops.get("QLinearConv", 0) == n_quantized
+    assert ops.get("QLinearAdd", 0) == 1  # block 0's output, quantized by block 1's input
+    # float convs: the mean shifts, the head and the last body conv only
+    assert ops.get("Conv", 0) == 4
+    assert "ReLU" not in ops and "Relu" not in ops  # folded into the quantizers' Clip
+    assert min(p["psnr"] for p in r.parity) >= 40.0
+
+
+def test_export_paper_layout_keeps_conv1_and_upsampler_float(tmp_path: Path) -> None:
+    from lowbitsr.deploy import export_onnx
+
+    q = quantize(edsr(), config_from_dict({"method": "ddtb", "bits": 4, "dynamic_ratio": 0}))
+    calibrate(q, lr_batches(n=4, size=16))
+    r = export_onnx(q.eval(), tmp_path / "m.onnx", check_inputs=_check_inputs())
+    ops = {k.split(":")[-1]: v for k, v in r.optimized_ops.items()}
+    assert ops.get("QLinearConv", 0) == 2  # conv2 of each block only
+    assert "QLinearAdd" not in ops
+
+
+def test_openvino_and_torch_int8_backends_match_pytorch(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from lowbitsr.deploy import export_onnx
+    from lowbitsr.deploy.openvino_rt import OpenVinoSR
+    from lowbitsr.deploy.torch_int8 import torch_int8_parity
+
+    q = integer_model("ddtb", 4)
+    xs = _check_inputs()
+    r = export_onnx(q, tmp_path / "m.onnx", check_inputs=xs, target="openvino")
+    runtimes = [p.get("runtime", "onnxruntime") for p in r.parity]
+    assert runtimes.count("openvino") == len(xs) and runtimes.count("onnxruntime") == len(xs)
+    assert min(p["psnr"] for p in r.parity) >= 40.0
+    assert all(p["psnr"] >= 60.0 for p in torch_int8_parity(q, xs))
+    ov = OpenVinoSR(tmp_path / "m.onnx", threads=1)
+    assert ov.scale == 4 and ov.quant["layout"] == "integer"
+    assert ov(xs[0]).shape == (1, 3, 80, 80)
+
+
+def test_torch_int8_refuses_the_paper_layout() -> None:
+    from lowbitsr.deploy.torch_int8 import to_torch_int8
+
+    q = quantize(edsr(), config_from_dict({"method": "pams", "bits": 4}))
+    calibrate(q, lr_batches(n=2, size=16))
+    with pytest.raises(LowbitsrError, match="integer layout"):
+        to_torch_int8(q)
+
+
+def test_cli_upscale_backends_agree(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    import numpy as np
+    from PIL import Image
+
+    from lowbitsr.cli import main
+
+    save_model(integer_model("ddtb", 4), tmp_path / "int")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    model = str(tmp_path / "int")
+    onnx = str(tmp_path / "int.onnx")
+    assert main(["export", model, "--onnx", onnx, "--target", "openvino", "--check"]) == 0
+    runs = {
+        "torch": [model],
+        "torch-int8": [model],
+        "onnx": [onnx],
+        "openvino": [onnx],
+    }
+    outs = {}
+    for backend, (m,) in runs.items():
+        out = tmp_path / f"{backend}.png"
+        assert main(["upscale", m, str(tmp_path / "in.png"), str(out), "--backend", backend]) == 0
+        outs[backend] = np.asarray(Image.open(out)).astype(np.int16)
+    for backend, img in outs.items():
+        assert img.shape == (80, 96, 3)
+        assert np.abs(img - outs["torch"]).max() <= 3, backend

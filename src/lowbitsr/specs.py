@@ -60,18 +60,27 @@ def load_any_model(
     Args:
         ref: ``bicubic``; ``pretrained:NAME`` or a shipped ``NAME``; a saved model (run folder,
             ``.safetensors``/``.json`` file or their stem); a packed file; with
-            ``backend="onnx"`` an ONNX file written by ``lowbitsr export``.
+            ``backend="onnx"``/``"openvino"`` an ONNX file written by ``lowbitsr export``.
         scale: the scale of the bicubic baseline (required for ``bicubic`` only).
-        backend: ``"torch"`` (a module) or ``"onnx"`` (an :class:`lowbitsr.deploy.OnnxSR`).
-        threads: onnxruntime intra-op threads (``backend="onnx"`` only).
+        backend: ``"torch"`` (a module), ``"onnx"`` (an :class:`lowbitsr.deploy.OnnxSR`) or
+            ``"openvino"`` (an :class:`lowbitsr.deploy.OpenVinoSR`).
+        threads: runtime threads (``"onnx"``/``"openvino"`` only).
     Raises:
         LowbitsrError: nothing of that name, or bicubic without a scale.
     """
-    if backend == "onnx":
-        from .deploy import OnnxSR
-
+    if backend in ("onnx", "openvino"):
         if not Path(ref).is_file():
             raise LowbitsrError(f"{ref}: no such ONNX file (make one with lowbitsr export)")
+        if backend == "openvino":
+            from .deploy.openvino_rt import OpenVinoSR, openvino_available
+
+            if not openvino_available():
+                raise LowbitsrError(
+                    "--backend openvino needs the openvino package: pip install openvino"
+                )
+            return OpenVinoSR(ref, threads=threads), Path(ref).stem
+        from .deploy import OnnxSR
+
         return OnnxSR(ref, threads=threads), Path(ref).stem
 
     from .checkpoint import load_model

@@ -108,6 +108,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         float_conv_weights=args.float_conv_weights,
         static_gates=static_gates,
         pixel_shuffle=args.pixel_shuffle,
+        target=args.target,
     )
     print(report.summary())
     if not args.check:
@@ -330,10 +331,21 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from ..quant.bitops import fab
     from ..viz import bitmap_panel
 
-    if args.backend == "onnx":
-        model, _ = load_any_model(args.model, backend="onnx", threads=args.threads)
+    if args.backend in ("onnx", "openvino"):
+        model, _ = load_any_model(args.model, backend=args.backend, threads=args.threads)
         scale = model.scale
         granular = model.granular_dq
+    elif args.backend == "torch-int8":
+        import torch
+
+        from ..deploy.torch_int8 import to_torch_int8
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        fq, _ = load_any_model(args.model, args.scale)
+        model = to_torch_int8(fq)
+        scale = model.model_config["scale"]
+        granular = False
     else:
         model, _ = load_any_model(args.model, args.scale)
         scale = model.model_config["scale"]
@@ -383,7 +395,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             q = model.quant or {}
             tile_step = (int(q.get("tile", 96)), int(q.get("tile_step", 90)))
             sr, bit_map = upscale_image_gdq_onnx(model, img, *tile_step)
-        elif args.backend == "onnx":
+        elif args.backend in ("onnx", "openvino"):
             from ..deploy import upscale_image_onnx
 
             sr = upscale_image_onnx(model, img, tile=args.tile, overlap=args.overlap)

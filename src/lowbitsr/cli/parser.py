@@ -200,15 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     u.add_argument(
         "--backend",
-        choices=["torch", "onnx"],
+        choices=["torch", "onnx", "openvino", "torch-int8"],
         default="torch",
-        help="onnx: MODEL is an .onnx file from 'lowbitsr export' run by onnxruntime",
+        help="onnx / openvino: MODEL is an .onnx file from 'lowbitsr export' run by onnxruntime "
+        "/ OpenVINO (f32 precision; pip install openvino); torch-int8: an integer-layout "
+        "DDTB/PAMS model (quant.layout: integer) on PyTorch's int8 kernels",
     )
     u.add_argument(
         "--threads",
         type=_positive,
         default=None,
-        help="onnxruntime intra-op threads (default: onnxruntime's, one per physical core)",
+        help="onnxruntime/OpenVINO/PyTorch threads (default: the runtime's own)",
     )
     u.add_argument("--device", default="cpu")
     u.add_argument("--quiet", action="store_true")
@@ -291,10 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
         "images; measure the PSNR before using it",
     )
     x.add_argument(
+        "--target",
+        choices=["onnxruntime", "openvino"],
+        default="onnxruntime",
+        help="runtime the graph is tuned for (same numbers): its pixel shuffle form; with "
+        "--check, openvino also checks OpenVINO's parity",
+    )
+    x.add_argument(
         "--pixel-shuffle",
         choices=["transpose", "depth_to_space"],
-        default="transpose",
-        help="pixel shuffle as Reshape/Transpose (faster in onnxruntime) or one DepthToSpace",
+        default=None,
+        help="pixel shuffle as Reshape/Transpose (faster in onnxruntime) or one DepthToSpace "
+        "(faster in OpenVINO); default: the --target's",
     )
     x.set_defaults(func=_cmd_export)
 

@@ -8,6 +8,10 @@
   optional onnxruntime parity check.
 * :mod:`~lowbitsr.deploy.runtime`: :class:`OnnxSR`, the tiled :func:`upscale_image_onnx` and
   :func:`upscale_image_gdq_onnx` (Granular-DQ tiles at mixed bits in one batch).
+* :mod:`~lowbitsr.deploy.openvino_rt`: :class:`OpenVinoSR`, the same exports compiled by
+  OpenVINO (``pip install lowbitsr[openvino]``).
+* :mod:`~lowbitsr.deploy.torch_int8`: :func:`to_torch_int8`, an integer-layout DDTB/PAMS model
+  as PyTorch quantized (x86/oneDNN) kernels.
 
 The ONNX parts import ``onnx``/``onnxruntime`` lazily (``pip install lowbitsr[deploy]``).
 """
@@ -31,13 +35,17 @@ from .pack import (
 
 if TYPE_CHECKING:
     from .onnx_export import ExportReport, export_onnx
+    from .openvino_rt import OpenVinoSR
     from .runtime import OnnxSR, upscale_image_gdq_onnx, upscale_image_onnx
+    from .torch_int8 import TorchInt8SR, to_torch_int8
 
 __all__ = [
     "ExportReport",
     "OnnxSR",
+    "OpenVinoSR",
     "PackError",
     "PackedConv2d",
+    "TorchInt8SR",
     "WeightCodes",
     "convert",
     "export_onnx",
@@ -46,6 +54,7 @@ __all__ = [
     "load_packed",
     "save_packed",
     "size_report",
+    "to_torch_int8",
     "upscale_image_gdq_onnx",
     "upscale_image_onnx",
     "weight_codes",
@@ -57,6 +66,9 @@ _LAZY = {
     "OnnxSR": "runtime",
     "upscale_image_onnx": "runtime",
     "upscale_image_gdq_onnx": "runtime",
+    "OpenVinoSR": "openvino_rt",
+    "TorchInt8SR": "torch_int8",
+    "to_torch_int8": "torch_int8",
 }
 
 

@@ -184,7 +184,8 @@ class ExportReport:
 
     def summary(self) -> str:
         """A few human lines: what was written, what is integer, parity."""
-        fused = sum(v for k, v in self.optimized_ops.items() if "QLinear" in k)
+        fused = sum(v for k, v in self.optimized_ops.items() if k.endswith("QLinearConv"))
+        adds = sum(v for k, v in self.optimized_ops.items() if k.endswith("QLinearAdd"))
         lines = [
             f"{self.path}: opset {self.opset}, {sum(self.node_counts.values())} nodes; "
             f"{len(self.integer_weights)} int8-coded conv weights, {len(self.qcdq_quantizers)} "
@@ -194,6 +195,7 @@ class ExportReport:
             lines.append(
                 f"onnxruntime runs {fused} conv(s) as integer QLinearConv "
                 f"({len(self.fusable_convs)} prepared)"
+                + (f" and {adds} residual add(s) as QLinearAdd" if adds else "")
             )
         if self.static_gates:
             lines.append(
@@ -206,8 +208,9 @@ class ExportReport:
                 f"{self.granular_dq.get('decision')}; float-op quantizers"
             )
         for p in self.parity:
+            rt = "openvino" if p.get("runtime") == "openvino" else "ort"
             lines.append(
-                f"parity {'x'.join(map(str, p['shape']))}: max |ort - torch| "
+                f"parity {'x'.join(map(str, p['shape']))}: max |{rt} - torch| "
                 f"{p['max_abs_diff']:.3g}, PSNR {p['psnr']:.1f} dB"
             )
         return "\n".join(lines)
@@ -447,7 +450,9 @@ def export_onnx(
         opset: default-domain opset, 13..21 (17 by default).
         check: also run onnxruntime (CPUExecutionProvider): fill
             :attr:`ExportReport.optimized_ops` with the optimized graph's op types and
-            :attr:`ExportReport.parity` with the difference to PyTorch.
+            :attr:`ExportReport.parity` with the difference to PyTorch; with
+            ``target="openvino"`` OpenVINO's parity rows too (``"runtime": "openvino"``;
+            needs the openvino package).
         check_inputs: N×3×H×W float32 arrays for the parity check; default two smooth random
             images of different sizes (1×3×24×20 and 2×3×17×31) in [0, 255] (scaled to
             rgb_range).
@@ -555,4 +560,8 @@ def export_onnx(
         if check_inputs is None:
             check_inputs = [x * np.float32(rgb_range / 255.0) for x in _default_check_inputs()]
         report.parity = parity(model, sess, check_inputs, peak=rgb_range)
+        if target == "openvino":
+            from .openvino_rt import openvino_parity
+
+            report.parity += openvino_parity(model, out, check_inputs, peak=rgb_range)
     return report

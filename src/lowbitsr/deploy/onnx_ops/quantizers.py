@@ -174,13 +174,16 @@ def _pams_params(q: PAMSActQuant, container: str, name: str) -> tuple[_QParams, 
     return _QParams(float(np.float32(alpha / qmax)), zero, container, hi), lo, hi
 
 
-def _static_params(g: _Graph, q: nn.Module | None, name: str) -> tuple[_QParams, int, int] | None:
-    """``(QParams, code_min, code_max)`` of a static, ungated quantizer; None otherwise."""
-    if not _is_static(g, q) or (isinstance(q, DDTBActQuant) and q.gate is not None):
-        return None
-    if isinstance(q, PAMSActQuant):
-        return _pams_params(q, g.container, name)
-    return _ddtb_static_params(q, g.container)  # type: ignore[arg-type]
+def static_act_params(
+    q: nn.Module | None, container: str = "uint8", name: str = "quantizer"
+) -> tuple[_QParams, int, int] | None:
+    """``(QParams, code_min, code_max)`` of an enabled PAMS or ungated DDTB quantizer in an
+    8-bit ``container``; None for anything else or codes that do not fit."""
+    if isinstance(q, PAMSActQuant) and q.enabled:
+        return _pams_params(q, container, name)
+    if isinstance(q, DDTBActQuant) and q.enabled and q.gate is None:
+        return _ddtb_static_params(q, container)
+    return None
 
 
 def _act_codes(
@@ -189,7 +192,7 @@ def _act_codes(
     """A static quantizer as its codes only (``QuantizeLinear → Clip``, see :func:`_codes`), for
     the integer layout, where codes move (pixel shuffle) before they are dequantized. None when
     ``q`` is not a static quantizer that fits the container."""
-    static = _static_params(g, q, name)
+    static = static_act_params(q, g.container, name) if _is_static(g, q) else None
     if static is None:
         return None
     qp, lo, hi = static
