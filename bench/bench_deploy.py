@@ -30,6 +30,13 @@ Prints one JSON record, then Markdown tables.
     python bench/bench_deploy.py --model edsr_tiny_x4_pams_w2a2 --variants codes
     python bench/bench_deploy.py --arch edsr_baseline --method ddtb,pams --bits 4,2 --profile
     python bench/bench_deploy.py --quick                           # 128x128 + 1000x1000 check
+    python bench/bench_deploy.py --arch edsr_baseline --layout paper,integer --workloads 128,256
+
+Backends: ``torch_fp32``, ``torch_fakequant``, ``ort_fp32``, ``ort_int`` always; ``ov_fp32``
+and ``ov_int`` (OpenVINO, f32 inference precision; ``ov_int`` runs the export made with
+``target="openvino"``) when openvino is installed; ``torch_int8`` (PyTorch quantized kernels,
+:func:`lowbitsr.deploy.torch_int8.to_torch_int8`) for integer-layout subjects. ``--backends``
+picks a subset.
 
 ``--arch`` builds that architecture with random weights (seed 0), quantizes it and calibrates it
 on LR patches of the bundled training photos: its speed and size do not depend on training, its
@@ -74,6 +81,7 @@ from lowbitsr.specs import load_any_model
 
 SHIPPED_DEFAULT = "edsr_tiny_x4_ddtb_w4a4"
 BACKENDS = ("torch_fp32", "torch_fakequant", "ort_fp32", "ort_int")
+OV_BACKENDS = ("ov_fp32", "ov_int")
 #: Extra onnxruntime exports of the quantized model (``--variants``): export_onnx keywords.
 VARIANTS: dict[str, dict[str, Any]] = {
     # int8 codes + DequantizeLinear for the float convs too (smaller file, generic float convs)
@@ -122,12 +130,20 @@ def calibration_batches(scale: int, n: int = 4) -> list[torch.Tensor]:
         return list(t.split(4))
 
 
-def bundled_images(split: str, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(lr, hr)`` uint8 H×W×3 pairs of a bundled split (empty if the data is missing)."""
-    try:
-        from lowbitsr.data import BundledDataset
+#: ``--quality-dir``: a folder of HR images for the quality section instead of bundled:test
+QUALITY_DIR: str | None = None
 
-        ds = BundledDataset(split, scale, mode="eval")
+
+def bundled_images(split: str, scale: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(lr, hr)`` uint8 H×W×3 pairs of a bundled split (empty if the data is missing); for
+    ``test`` with ``--quality-dir``, that folder's images (LR by MATLAB bicubic)."""
+    try:
+        from lowbitsr.data import BundledDataset, build_dataset
+
+        if split == "test" and QUALITY_DIR:
+            ds = build_dataset({"type": "folder", "root": QUALITY_DIR}, scale, "eval")
+        else:
+            ds = BundledDataset(split, scale, mode="eval")
         out = []
         for i in range(len(ds)):
             item = ds[i]
@@ -162,22 +178,25 @@ def build_subjects(args: argparse.Namespace) -> list[Subject]:
         fp = create_model(args.arch, scale=args.scale).eval()
         calib = calibration_batches(args.scale, 2)
         subjects = []
-        for method in args.method.split(","):
-            for bits in (int(b) for b in str(args.bits).split(",")):
-                cfg = DDTBConfig(bits=bits) if method == "ddtb" else PAMSConfig(bits=bits)
-                q = quantize(fp, cfg)
-                calibrate(q, calib)
-                set_gates_applied(q, True)
-                subjects.append(
-                    Subject(
-                        f"{args.arch}_x{args.scale}_{method}_w{bits}a{bits}",
-                        f"{args.arch} x{args.scale}, random weights (seed 0), {method.upper()} "
-                        f"w{bits}a{bits} calibrated on bundled LR patches",
-                        fp,
-                        q.eval(),
-                        trained=False,
+        for layout in args.layout.split(","):
+            for method in args.method.split(","):
+                for bits in (int(b) for b in str(args.bits).split(",")):
+                    cls = DDTBConfig if method == "ddtb" else PAMSConfig
+                    q = quantize(fp, cls(bits=bits, layout=layout))
+                    calibrate(q, calib)
+                    set_gates_applied(q, True)
+                    tag = "_int" if layout == "integer" else ""
+                    subjects.append(
+                        Subject(
+                            f"{args.arch}_x{args.scale}_{method}_w{bits}a{bits}{tag}",
+                            f"{args.arch} x{args.scale}, random weights (seed 0), "
+                            f"{method.upper()} w{bits}a{bits}, {layout} layout, calibrated on "
+                            "bundled LR patches",
+                            fp,
+                            q.eval(),
+                            trained=False,
+                        )
                     )
-                )
         return subjects
     name = args.model or SHIPPED_DEFAULT
     q = load_any_model(str(name))[0]
@@ -198,6 +217,8 @@ def prepare(subj: Subject, d: Path, variants: Sequence[str], scale: int) -> None
     exports: dict[str, dict[str, Any]] = {"ort_fp32": {}, "ort_int": {}}
     for v in variants:
         exports[f"ort_int_{v}"] = dict(VARIANTS[v])
+    if _has_openvino():
+        exports["ov_int"] = {"target": "openvino"}
     for key, kw in exports.items():
         model = subj.fp if key == "ort_fp32" else subj.q
         if kw.get("static_gates") == "mean":
@@ -234,10 +255,13 @@ def _make_runner(spec: dict[str, Any]) -> Any:
     torch.set_num_threads(threads)
     wl = spec["workload"]
     backend = spec["backend"]
-    if backend.startswith("ort"):
-        from lowbitsr.deploy import OnnxSR, upscale_image_onnx
+    if backend in ("ort", "ov"):
+        from lowbitsr.deploy import OnnxSR, OpenVinoSR, upscale_image_onnx
 
-        sess = OnnxSR(spec["onnx"], threads=threads, mem_arena=spec.get("mem_arena", True))
+        if backend == "ov":
+            sess = OpenVinoSR(spec["onnx"], threads=threads)
+        else:
+            sess = OnnxSR(spec["onnx"], threads=threads, mem_arena=spec.get("mem_arena", True))
 
         def run(img: np.ndarray) -> np.ndarray:
             return upscale_image_onnx(sess, img, tile=wl["tile"], overlap=wl["overlap"])
@@ -245,7 +269,11 @@ def _make_runner(spec: dict[str, Any]) -> Any:
         return run
     from lowbitsr.evaluate import upscale_image
 
-    model = load_packed(spec["packed"]) if backend == "torch_fakequant" else load_model(spec["fp"])
+    model = load_model(spec["fp"]) if backend == "torch_fp32" else load_packed(spec["packed"])
+    if backend == "torch_int8":
+        from lowbitsr.deploy.torch_int8 import to_torch_int8
+
+        model = to_torch_int8(model)
     model.eval()
     scale = int(model.model_config["scale"])
 
@@ -341,10 +369,12 @@ def time_workload(
     workers = {}
     for b in backends:
         lean = b.endswith("_noarena")
-        onnx_key = b.removesuffix("_noarena") if b.startswith("ort") else None
+        onnx_key = b.removesuffix("_noarena") if b.startswith(("ort", "ov")) else None
+        if b == "ov_fp32":
+            onnx_key = "ort_fp32"  # the same float graph
         spec = {
             "mem_arena": not lean,
-            "backend": "ort" if onnx_key else b,
+            "backend": ("ov" if b.startswith("ov") else "ort") if onnx_key else b,
             "workload": wl,
             "workload_name": wname,
             "threads": threads,
@@ -409,12 +439,22 @@ def quality(subj: Subject, scale: int, threads: int) -> dict[str, Any]:
     with torch.no_grad():
         outs["torch_fp32"] = [upscale_image(subj.fp, lr, scale) for lr, _ in pairs]
         outs["torch_fakequant"] = [upscale_image(subj.q, lr, scale) for lr, _ in pairs]
+        if _is_integer_layout(subj.q):
+            from lowbitsr.deploy.torch_int8 import to_torch_int8
+
+            t8 = to_torch_int8(subj.q)
+            outs["torch_int8"] = [upscale_image(t8, lr, scale) for lr, _ in pairs]
     for key in subj.onnx:
-        sess = OnnxSR(subj.files[key], threads=threads)
+        if key.startswith("ov"):
+            from lowbitsr.deploy import OpenVinoSR
+
+            sess: Any = OpenVinoSR(subj.files[key], threads=threads)
+        else:
+            sess = OnnxSR(subj.files[key], threads=threads)
         outs[key] = [upscale_image_onnx(sess, lr) for lr, _ in pairs]
     res: dict[str, Any] = {"images": len(pairs), "parity_psnr": {}, "psnr_y_vs_hr": {}}
     for key, o in outs.items():
-        if key.startswith("ort"):
+        if key.startswith(("ort", "ov", "torch_int8")):
             ref = outs["torch_fp32" if key == "ort_fp32" else "torch_fakequant"]
             res["parity_psnr"][key] = float(
                 np.mean(
@@ -472,9 +512,16 @@ def profile(subj: Subject, hw: int, threads: int, runs: int = 3) -> dict[str, An
         }
     convs = subj.onnx["ort_int"]["prepared_integer_convs"]
     fp_nodes = node_ms["ort_fp32"]
-    # The FP32 graph's conv nodes keep the module name as prefix (a conv fused with its ReLU is
-    # named after the ReLU, which here only follows conv1, never an integer conv2).
-    in_int = sum(t for n, t in fp_nodes.items() if any(n.startswith(f"{c}/") for c in convs))
+    # The FP32 graph's conv nodes keep the float module's name as prefix ("tail.0.0" for the
+    # integer layout's "tail.0.0.conv"); a conv fused with its ReLU is named after the ReLU
+    # ("body.i.body.1" for conv1 "body.i.body.0").
+    prefixes = set()
+    for c in convs:
+        c = c.removesuffix(".conv")
+        prefixes.add(f"{c}/")
+        if c.endswith(".body.0"):
+            prefixes.add(f"{c[:-1]}1/")
+    in_int = sum(t for n, t in fp_nodes.items() if any(n.startswith(p) for p in prefixes))
     total = out["ort_fp32"]["total_ms"]
     out["fp32_ms_in_integer_convs"] = in_int
     out["integer_share_of_fp32"] = in_int / total if total else float("nan")
@@ -586,6 +633,12 @@ def main() -> None:
     ap.add_argument("--arch", help="build this architecture with random weights (edsr_baseline)")
     ap.add_argument("--method", default="ddtb", help="with --arch: comma list of ddtb,pams")
     ap.add_argument("--bits", default="4", help="with --arch: comma list of bit-widths")
+    ap.add_argument("--layout", default="paper", help="with --arch: comma list of paper,integer")
+    ap.add_argument(
+        "--backends",
+        help="time only these backends (comma list of torch_fp32, torch_fakequant, ort_fp32, "
+        "ort_int, ov_fp32, ov_int, torch_int8, ort_int_<variant>)",
+    )
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds of small workloads")
@@ -605,6 +658,10 @@ def main() -> None:
         help="also time ort_int with onnxruntime's CPU memory arena off (lower peak memory)",
     )
     ap.add_argument("--no-quality", action="store_true", help="skip the bundled-test PSNRs")
+    ap.add_argument(
+        "--quality-dir",
+        help="HR images for the quality section (e.g. data/photos/test) instead of bundled:test",
+    )
     ap.add_argument("--quick", action="store_true", help="128x128 + the 1000x1000 check only")
     ap.add_argument(
         "--gdq",
@@ -622,6 +679,8 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    global QUALITY_DIR
+    QUALITY_DIR = args.quality_dir
     t_start = time.perf_counter()
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -644,6 +703,7 @@ def main() -> None:
             "threads": args.threads,
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": _openvino_version(),
             "loadavg_start": os.getloadavg(),
         },
         "subjects": [],
@@ -673,12 +733,23 @@ def main() -> None:
             runs = []
             for wname in workloads:
                 big = WORKLOADS[wname]["tile"] > 0
-                if wname == "1000":
+                if wname == "1000":  # the memory check: every quantized backend
                     backends: list[str] = ["ort_int", "torch_fakequant"]
+                    if _has_openvino():
+                        backends.append("ov_int")
+                    if _is_integer_layout(subj.q):
+                        backends.append("torch_int8")
                 else:
                     backends = [*BACKENDS, *(f"ort_int_{v}" for v in sv)]
+                    if _has_openvino():
+                        backends += OV_BACKENDS
+                    if _is_integer_layout(subj.q):
+                        backends.append("torch_int8")
                     if args.no_arena:
                         backends.append("ort_int_noarena")
+                if args.backends:
+                    keep = args.backends.split(",")
+                    backends = [b for b in backends if b in keep]
                 runs += time_workload(
                     subj, wname, backends, args.threads, args.big_repeats if big else args.repeats
                 )
@@ -695,12 +766,31 @@ def main() -> None:
         record["granular_dq"] = gdq_section(
             args.gdq or "edsr_tiny_x4_gdq", args.threads, args.repeats
         )
+    record["quality_set"] = args.quality_dir or "bundled test"
     record["machine"]["loadavg_end"] = os.getloadavg()
     record["bench_seconds"] = time.perf_counter() - t_start
     print(json.dumps(record, indent=2))
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))
     print_tables(record)
+
+
+def _openvino_version() -> str | None:
+    if not _has_openvino():
+        return None
+    import openvino
+
+    return str(openvino.__version__)
+
+
+def _has_openvino() -> bool:
+    from lowbitsr.deploy.openvino_rt import openvino_available
+
+    return openvino_available()
+
+
+def _is_integer_layout(model: nn.Module) -> bool:
+    return (getattr(model, "quant_config_dict", None) or {}).get("layout") == "integer"
 
 
 def _has_gates(model: nn.Module) -> bool:
@@ -792,10 +882,13 @@ def print_tables(record: dict[str, Any]) -> None:
         if hr:
             fq = hr["torch_fakequant"]
             print(
-                f"\nPSNR/Y on bundled test ({q['images']} images): torch fp32 "
+                f"\nPSNR/Y on {record.get('quality_set', 'bundled test')} ({q['images']} images): "
+                f"torch fp32 "
                 f"{hr['torch_fp32']:.3f}, torch fake-quant {fq:.3f} dB; "
                 + ", ".join(
-                    f"{k} {v - fq:+.4f} dB" for k, v in hr.items() if k.startswith("ort_int")
+                    f"{k} {v - fq:+.4f} dB"
+                    for k, v in hr.items()
+                    if k.startswith(("ort_int", "ov_int", "torch_int8"))
                 )
                 + f" vs fake-quant (bound {PSNR_BOUND_DB} dB)"
             )
@@ -835,18 +928,18 @@ def print_tables(record: dict[str, Any]) -> None:
         by = {(r["workload"], r["backend"]): r for r in s["runs"]}
         for (wname, backend), r in by.items():
             ref = by.get((wname, "ort_fp32"))
-            if backend.startswith("ort_int") and ref:
+            if backend.startswith(("ort_int", "ov_int", "torch_int8")) and ref:
                 summary.append(
                     {
                         "subject": s["key"],
                         "workload": wname,
-                        "export": backend,
-                        "ORT int / ORT fp32 (median)": ref["median_s"] / r["median_s"],
+                        "backend": backend,
+                        "speed-up vs ORT fp32 (median)": ref["median_s"] / r["median_s"],
                         "(min)": ref["min_s"] / r["min_s"],
                     }
                 )
     if summary:
-        print("\n### onnxruntime integer vs onnxruntime FP32 speed-up\n")
+        print("\n### Integer backends vs onnxruntime FP32: speed-up\n")
         print(format_table(summary))
     print(f"bench time {record['bench_seconds']:.0f} s")
 

@@ -217,3 +217,17 @@ def test_cli_upscale_backends_agree(tmp_path: Path) -> None:
     for backend, img in outs.items():
         assert img.shape == (80, 96, 3)
         assert np.abs(img - outs["torch"]).max() <= 3, backend
+
+
+def test_stream_bits_widens_only_the_residual_stream() -> None:
+    with pytest.raises(ConfigError, match="stream_bits"):
+        config_from_dict({"method": "ddtb", "bits": 4, "stream_bits": 8})  # paper layout
+    with pytest.raises(ConfigError, match="stream_bits"):
+        config_from_dict({"method": "pams", "layout": "integer", "stream_bits": 1})
+    cfg = config_from_dict({"method": "ddtb", "bits": 2, "layout": "integer", "stream_bits": 8})
+    q = quantize(edsr(), cfg)
+    calibrate(q, lr_batches(n=4, size=16))
+    ins = conv_inputs(q.eval(), lr_batches(n=1, batch=1, size=16, seed=7)[0])
+    assert 4 < n_levels(ins["body.0.body.0"]) <= 256  # conv1 reads the 8-bit stream
+    assert n_levels(ins["body.0.body.2"]) <= 4  # conv2 still reads 2-bit codes
+    assert q.body[0].quant_act1.bits == 8 and q.body[0].body[0].a_bits == 8

@@ -48,6 +48,7 @@ def test_config() -> None:
         "compat": "default",
         "layout": "paper",
         "upsampler_bits": 8,
+        "stream_bits": None,
     }
     assert config_from_dict(d) == cfg
     assert PAMSConfig().ema_decay == 0.9997  # PAMS's pams_quant_act decay

@@ -213,8 +213,8 @@ def _annotate_activation_bits(model: nn.Module, config: QuantConfig) -> None:
         elif isinstance(module, QuantConv2d) and not hasattr(module, "a_bits"):
             module.a_bits = bits
     for module in model.modules():
-        if isinstance(module, QuantResBlock) and not module.integer:
-            module.body[0].a_bits = 32
+        if isinstance(module, QuantResBlock):  # conv1 reads x (paper) or QA1(x) (integer)
+            module.body[0].a_bits = module.quant_act1.bits if module.integer else 32
 
 
 def _to_float_children(module: nn.Module) -> None:

@@ -42,6 +42,8 @@ class QuantSpec:
     #: integer layout: the upsampler's activation quantizer and conv (``upsampler_bits``)
     make_wide_act: Callable[[int, Tensor], nn.Module] | None = None
     make_wide_conv: Callable[[nn.Conv2d], nn.Module] | None = None
+    #: integer layout: the block-input quantizer QA1 (the residual stream); None = make_act
+    make_stream_act: Callable[[int, Tensor], nn.Module] | None = None
 
 
 def _as_float(m: nn.Module) -> nn.Module:
@@ -64,12 +66,13 @@ class QuantResBlock(nn.Module):
         super().__init__()
         conv1, conv2 = block.body[0], block.body[2]
         feats, like = conv1.in_channels, conv1.weight
-        self.quant_act1 = spec.make_act(feats, like)
+        self.integer = spec.layout == "integer"
+        make_stream = spec.make_stream_act if self.integer else None
+        self.quant_act1 = (make_stream or spec.make_act)(feats, like)
         self.body = nn.Sequential(spec.make_conv(conv1), block.body[1], spec.make_conv(conv2))
         self.quant_act2 = spec.make_act(conv1.out_channels, like)
         self.quant_act3 = spec.make_act(conv2.out_channels, like)
         self.res_scale = block.res_scale
-        self.integer = spec.layout == "integer"
         self.train(block.training)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -74,6 +74,8 @@ class DDTBConfig:
             that integer convolution kernels do not take (``dynamic_ratio`` must be 0 or null).
         upsampler_bits: integer layout: bit-width of the upsampler's weights (symmetric,
             per tensor) and of the quantizers before the upsampler convs and the tail (8).
+        stream_bits: integer layout: bit-width of each block's input quantizer (the residual
+            stream that conv1 and the skip read); None = ``bits`` (the papers' skip precision).
     """
 
     method: ClassVar[str] = "ddtb"
@@ -86,9 +88,10 @@ class DDTBConfig:
     compat: Literal["default", "official"] = "default"
     layout: Literal["paper", "integer"] = "paper"
     upsampler_bits: int = 8
+    stream_bits: int | None = None
 
     def __post_init__(self) -> None:
-        check_layout(self.layout, self.upsampler_bits)
+        check_layout(self.layout, self.upsampler_bits, self.stream_bits)
         if self.layout == "integer":
             if self.dynamic_ratio:
                 raise ConfigError(
@@ -139,8 +142,8 @@ class DDTBConfig:
             )
 
 
-def check_layout(layout: object, upsampler_bits: object) -> None:
-    """Validate the ``layout`` and ``upsampler_bits`` keys shared by DDTB and PAMS.
+def check_layout(layout: object, upsampler_bits: object, stream_bits: object = None) -> None:
+    """Validate the ``layout``, ``upsampler_bits`` and ``stream_bits`` keys of DDTB and PAMS.
 
     Raises:
         ConfigError: an unknown layout or a bit-width outside 2..8 (the key named).
@@ -150,11 +153,15 @@ def check_layout(layout: object, upsampler_bits: object) -> None:
             f"quant.layout: must be 'paper' or 'integer', got {layout!r}; 'integer' quantizes "
             "every body and upsampler conv input so the model runs on integer kernels"
         )
-    if not _is_int(upsampler_bits) or not 2 <= upsampler_bits <= 8:  # type: ignore[operator]
-        raise ConfigError(
-            f"quant.upsampler_bits: must be an int in 2..8, got {upsampler_bits!r}; write e.g. "
-            "'upsampler_bits: 8'"
-        )
+    for key, v in (("upsampler_bits", upsampler_bits), ("stream_bits", stream_bits)):
+        if key == "stream_bits" and v is None:
+            continue
+        if not _is_int(v) or not 2 <= v <= 8:  # type: ignore[operator]
+            raise ConfigError(
+                f"quant.{key}: must be an int in 2..8, got {v!r}; write e.g. '{key}: 8'"
+            )
+    if stream_bits is not None and layout != "integer":
+        raise ConfigError("quant.stream_bits: only for 'layout: integer'; remove the key")
 
 
 def resolved_ratio(config: DDTBConfig, arch: str) -> float:
@@ -200,14 +207,17 @@ def ddtb_transform(model: nn.Module, config: DDTBConfig) -> None:
             conv, w_bits=config.bits, w_mode=w_mode, clamp_codes=not official
         )
 
-    def make_wide_act(channels: int, like: Tensor) -> nn.Module:
+    def make_wide_act(channels: int, like: Tensor, bits: int | None = None) -> nn.Module:
+        bits = config.upsampler_bits if bits is None else bits
         return DDTBActQuant(
-            config.upsampler_bits,
+            bits,
             channels,
-            calib_percentile=WIDE_PERCENTILE,
+            calib_percentile=WIDE_PERCENTILE if bits >= 8 else percentile,
             device=like.device,
             dtype=like.dtype,
         )
+
+    stream = config.stream_bits
 
     # The authors' DDTB_RDN also min/max-quantizes GFF.1's weight (not its input); our layout
     # (docs/methods.md §1.5) keeps the last body conv FP, so only the official compat mode does it.
@@ -220,6 +230,7 @@ def ddtb_transform(model: nn.Module, config: DDTBConfig) -> None:
         layout=config.layout,
         make_wide_act=make_wide_act,
         make_wide_conv=lambda conv: wide_conv(conv, config.upsampler_bits),
+        make_stream_act=None if stream is None else lambda c, like: make_wide_act(c, like, stream),
     )
     swap_blocks(model, spec)
 

@@ -35,6 +35,7 @@ class PAMSConfig:
         layout: ``"paper"`` (§1.5) or ``"integer"`` (EDSR only, see
             :class:`~lowbitsr.quant.ddtb.DDTBConfig`).
         upsampler_bits: integer layout: bit-width of the upsampler weights and inputs (8).
+        stream_bits: integer layout: bit-width of each block's input quantizer (None = bits).
     """
 
     method: ClassVar[str] = "pams"
@@ -44,9 +45,10 @@ class PAMSConfig:
     compat: Literal["default"] = "default"
     layout: Literal["paper", "integer"] = "paper"
     upsampler_bits: int = 8
+    stream_bits: int | None = None
 
     def __post_init__(self) -> None:
-        check_layout(self.layout, self.upsampler_bits)
+        check_layout(self.layout, self.upsampler_bits, self.stream_bits)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(
                 f"quant.bits: PAMS quantizes to 2..8 bits, got {self.bits!r}; write e.g. 'bits: 4'"
@@ -80,11 +82,12 @@ def pams_transform(model: nn.Module, config: PAMSConfig) -> None:
     def make_conv(conv: nn.Conv2d) -> nn.Module:
         return QuantConv2d.from_float(conv, w_bits=config.bits, w_mode="pams")
 
-    def make_wide_act(channels: int, like: Tensor) -> nn.Module:
+    def make_wide_act(channels: int, like: Tensor, bits: int | None = None) -> nn.Module:
         del channels
-        return PAMSActQuant(
-            config.upsampler_bits, ema_decay=config.ema_decay, device=like.device, dtype=like.dtype
-        )
+        bits = config.upsampler_bits if bits is None else bits
+        return PAMSActQuant(bits, ema_decay=config.ema_decay, device=like.device, dtype=like.dtype)
+
+    stream = config.stream_bits
 
     spec = QuantSpec(
         "pams",
@@ -94,5 +97,6 @@ def pams_transform(model: nn.Module, config: PAMSConfig) -> None:
         layout=config.layout,
         make_wide_act=make_wide_act,
         make_wide_conv=lambda conv: wide_conv(conv, config.upsampler_bits),
+        make_stream_act=None if stream is None else lambda c, like: make_wide_act(c, like, stream),
     )
     swap_blocks(model, spec)
