@@ -231,3 +231,17 @@ def test_stream_bits_widens_only_the_residual_stream() -> None:
     assert 4 < n_levels(ins["body.0.body.0"]) <= 256  # conv1 reads the 8-bit stream
     assert n_levels(ins["body.0.body.2"]) <= 4  # conv2 still reads 2-bit codes
     assert q.body[0].quant_act1.bits == 8 and q.body[0].body[0].a_bits == 8
+
+
+def test_gated_paper_layout_exports_for_openvino(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    from lowbitsr.deploy import export_onnx
+    from lowbitsr.quant.apply import set_gates_applied
+
+    q = quantize(edsr(), config_from_dict({"method": "ddtb", "bits": 4}))
+    calibrate(q, lr_batches(n=4, size=16))
+    set_gates_applied(q, True)
+    assert any(m.gate is not None for _, m in quantizers(q))
+    r = export_onnx(q.eval(), tmp_path / "g.onnx", check_inputs=_check_inputs(), target="openvino")
+    ov = [p for p in r.parity if p.get("runtime") == "openvino"]
+    assert len(ov) == 2 and min(p["psnr"] for p in r.parity) >= 40.0

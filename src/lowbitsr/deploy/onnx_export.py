@@ -137,8 +137,9 @@ __all__ = [
 DEFAULT_OPSET = 17
 #: The pixel shuffle each runtime runs fastest (``export_onnx(target=...)``).
 _TARGETS: dict[str, dict[str, Any]] = {
-    "onnxruntime": {"pixel_shuffle": "transpose"},
-    "openvino": {"pixel_shuffle": "depth_to_space"},
+    "onnxruntime": {"pixel_shuffle": "transpose", "per_sample_qdq": True},
+    # OpenVINO cannot take a per-sample (axis 0) QuantizeLinear scale: gated layers as float ops
+    "openvino": {"pixel_shuffle": "depth_to_space", "per_sample_qdq": False},
 }
 
 
@@ -225,6 +226,7 @@ def _build(
     float_weights: bool = True,
     static_gates: dict[str, tuple[float, float]] | None = None,
     pixel_shuffle: str = "transpose",
+    per_sample_qdq: bool = True,
 ) -> tuple[Any, _Graph]:
     import onnx
     from onnx import TensorProto, helper
@@ -245,6 +247,7 @@ def _build(
     g.float_weights = float_weights
     g.static_gates = static_gates
     g.pixel_shuffle = pixel_shuffle
+    g.per_sample_qdq = per_sample_qdq
     out = emit(g, "lr", net)
     g.nodes.append(helper.make_node("Identity", [out], ["sr"], name="sr"))
     inputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", n_colors, "H", "W"])]
@@ -481,7 +484,8 @@ def export_onnx(
         target: the runtime the graph is tuned for (the same numbers either way):
             ``"onnxruntime"`` (default) or ``"openvino"``; it picks the pixel shuffle form when
             ``pixel_shuffle`` is None (Reshape/Transpose for onnxruntime, DepthToSpace for
-            OpenVINO, each measured faster on its runtime).
+            OpenVINO, each measured faster on its runtime); for OpenVINO, gated DDTB layers
+            quantize with float ops (it rejects a per-sample QuantizeLinear scale).
 
     Returns:
         :class:`ExportReport`.
@@ -536,6 +540,7 @@ def export_onnx(
         float_conv_weights == "float",
         gates,
         pixel_shuffle,
+        _TARGETS[target]["per_sample_qdq"],
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
