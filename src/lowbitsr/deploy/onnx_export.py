@@ -131,6 +131,7 @@ __all__ = [
     "export_onnx",
     "mean_gate_multipliers",
     "parity",
+    "runtime_parity",
 ]
 
 
@@ -353,6 +354,38 @@ def parity(
     return rows
 
 
+def runtime_parity(
+    model: nn.Module,
+    run: Any,
+    inputs: Sequence[np.ndarray],
+    peak: float = 255.0,
+    runtime: str = "",
+) -> list[dict[str, Any]]:
+    """PyTorch ``model`` (eval, CPU, ``no_grad``) against ``run`` (N×3×H×W float32 array →
+    array) on the same inputs: per input ``{"shape", "max_abs_diff", "psnr", "runtime"}``, as
+    :func:`parity` (used for OpenVINO and the PyTorch int8 backend)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for x in inputs:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(x.copy())).numpy()
+            got = np.asarray(run(x))
+            rows.append(
+                {
+                    "shape": list(x.shape),
+                    "max_abs_diff": float(np.max(np.abs(got - ref))),
+                    "psnr": _psnr(got, ref, peak),
+                    "runtime": runtime,
+                }
+            )
+    finally:
+        model.train(was_training)
+    return rows
+
+
 def _default_check_inputs(seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     # Two sizes (dynamic H/W) and a batch of two; smooth-ish content in [0, 255].
@@ -566,7 +599,8 @@ def export_onnx(
             check_inputs = [x * np.float32(rgb_range / 255.0) for x in _default_check_inputs()]
         report.parity = parity(model, sess, check_inputs, peak=rgb_range)
         if target == "openvino":
-            from .openvino_rt import openvino_parity
+            from .openvino_rt import OpenVinoSR
 
-            report.parity += openvino_parity(model, out, check_inputs, peak=rgb_range)
+            ov = OpenVinoSR(out)
+            report.parity += runtime_parity(model, ov, check_inputs, rgb_range, "openvino")
     return report

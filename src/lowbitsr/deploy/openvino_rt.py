@@ -14,17 +14,14 @@ bf16, which changes the float parts' numbers (and, measured here, is slower for 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import LowbitsrError
 
-__all__ = ["OpenVinoSR", "openvino_available", "openvino_parity"]
+__all__ = ["OpenVinoSR", "openvino_available"]
 
 
 def openvino_available() -> bool:
@@ -116,36 +113,3 @@ class OpenVinoSR:
             raise ValueError(f"OpenVinoSR: expected an N×3×H×W array, got shape {x.shape}")
         out = self._request.infer({0: x})
         return np.array(next(iter(out.values())), dtype=np.float32, copy=True)
-
-
-def openvino_parity(
-    model: nn.Module, path: str | Path, inputs: Sequence[np.ndarray], peak: float = 255.0
-) -> list[dict[str, Any]]:
-    """PyTorch ``model`` (eval, CPU) against OpenVINO on the export at ``path``.
-
-    Returns:
-        Per input ``{"shape", "max_abs_diff", "psnr", "runtime": "openvino"}``, as
-        :func:`~lowbitsr.deploy.onnx_export.parity`.
-    """
-    ov_model = OpenVinoSR(path)
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for x in inputs:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            with torch.no_grad():
-                ref = model(torch.from_numpy(x.copy())).numpy()
-            got = ov_model(x)
-            mse = float(np.mean((got.astype(np.float64) - ref) ** 2))
-            rows.append(
-                {
-                    "shape": list(x.shape),
-                    "max_abs_diff": float(np.max(np.abs(got - ref))),
-                    "psnr": float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse)),
-                    "runtime": "openvino",
-                }
-            )
-    finally:
-        model.train(was_training)
-    return rows

@@ -194,27 +194,11 @@ def to_torch_int8(model: nn.Module) -> TorchInt8SR:
 def torch_int8_parity(model: nn.Module, inputs: Any, peak: float = 255.0) -> list[dict[str, Any]]:
     """PyTorch fake-quant ``model`` against its :func:`to_torch_int8` twin on N×3×H×W float32
     arrays; rows as :func:`~lowbitsr.deploy.onnx_export.parity` with ``"runtime": "torch_int8"``."""
-    import numpy as np
+    from .onnx_export import runtime_parity
 
     twin = to_torch_int8(model)
-    was_training = model.training
-    model.eval()
-    rows = []
-    try:
-        for x in inputs:
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            with torch.no_grad():
-                ref = model(t).double()
-            got = twin(t).double()
-            mse = float(((got - ref) ** 2).mean())
-            rows.append(
-                {
-                    "shape": list(t.shape),
-                    "max_abs_diff": float((got - ref).abs().max()),
-                    "psnr": float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse)),
-                    "runtime": "torch_int8",
-                }
-            )
-    finally:
-        model.train(was_training)
-    return rows
+
+    def run(x: Any) -> Any:
+        return twin(torch.from_numpy(x)).numpy()
+
+    return runtime_parity(model, run, inputs, peak, "torch_int8")
