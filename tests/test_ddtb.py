@@ -664,3 +664,20 @@ def test_official_edsr_inconsistent_duplicate_is_refused(tmp_path: Path) -> None
     fresh = quantize(float_model("edsr"), DDTBConfig(compat="official"))
     with pytest.raises(Exception, match=r"body\.0\.body\.2\.alpha_upper"):
         load_weights(fresh, path)
+
+
+def test_quantizers_round_in_float32_under_bf16_autocast() -> None:
+    # A conv under bf16 autocast hands on bf16; the codes must not depend on that precision.
+    from lowbitsr.quant.layers import DDTBActQuant, PAMSActQuant
+
+    x = (torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0)) * 40).bfloat16()
+    d = DDTBActQuant(2, 4)
+    d.reset_bounds(-37.3, 51.7)
+    p = PAMSActQuant(4)
+    with torch.no_grad():
+        p.alpha.fill_(33.3)
+        for q in (d, p):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = q(x)
+            assert y.dtype == torch.float32
+            assert torch.equal(y, q(x.float()))
