@@ -65,7 +65,7 @@ _KD = {"bound_lr": 0.01, "kd_weight": 1000.0, "calib_batches": 4}
 ROWS: dict[str, dict[str, Any]] = {
     "pams_w2a2": {"quant": {"method": "pams", "bits": 2, "recipe": _KD}, "seeds": True},
     "ddtb_w2a2": {"quant": {"method": "ddtb", "bits": 2, "recipe": _KD}, "seeds": True},
-    "ddtb_w4a4": {"quant": {"method": "ddtb", "bits": 4, "recipe": _KD}, "seeds": False},
+    "ddtb_w4a4": {"quant": {"method": "ddtb", "bits": 4, "recipe": _KD}, "seeds": True},
     "pams_w4a4": {"quant": {"method": "pams", "bits": 4, "recipe": _KD}, "seeds": False},
     "gdq": {"quant": {"method": "granular_dq"}, "seeds": True, "lr": 2e-4},
     "gdq_w8": {
@@ -90,7 +90,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # the integer layout (every body/upsampler conv between static quantizers, no gates)
     "ddtb_w4a4_int": {
         "quant": {"method": "ddtb", "bits": 4, "layout": "integer", "recipe": _KD},
-        "seeds": False,
+        "seeds": True,
     },
     "ddtb_w4a4_int_s8": {
         "quant": {
