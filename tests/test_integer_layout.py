@@ -245,3 +245,12 @@ def test_gated_paper_layout_exports_for_openvino(tmp_path: Path) -> None:
     r = export_onnx(q.eval(), tmp_path / "g.onnx", check_inputs=_check_inputs(), target="openvino")
     ov = [p for p in r.parity if p.get("runtime") == "openvino"]
     assert len(ov) == 2 and min(p["psnr"] for p in r.parity) >= 40.0
+
+
+def test_fab_counts_the_8_bit_stream() -> None:
+    from lowbitsr.evaluate import static_bits
+
+    cfg = {"method": "ddtb", "bits": 4, "layout": "integer"}
+    assert static_bits(quantize(edsr(), config_from_dict(cfg))) == 4.0
+    wide = quantize(edsr(), config_from_dict({**cfg, "stream_bits": 8}))
+    assert static_bits(wide) == 6.0

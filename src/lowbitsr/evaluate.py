@@ -279,9 +279,14 @@ class EvalResult:
 
 
 def static_bits(model: nn.Module) -> float:
-    """Activation bit-width of a static model: 32 for float models, ``bits`` for DDTB/PAMS."""
+    """Activation bit-width (FAB) of a static model: 32 for float models, ``bits`` for DDTB/PAMS;
+    with the integer layout's ``stream_bits`` the mean over the block convs' inputs,
+    ``(stream_bits + bits) / 2`` (conv1 reads the stream, conv2 the k-bit ReLU). As for the
+    papers' FAB, the head, upsampler and tail are not counted; BitOPs count every layer."""
     q = getattr(model, "quant_config_dict", None) or {}
-    return float(q.get("bits", 32))
+    bits = float(q.get("bits", 32))
+    stream = q.get("stream_bits")
+    return (float(stream) + bits) / 2 if stream else bits
 
 
 def is_dynamic_bits(model: nn.Module) -> bool:
