@@ -100,7 +100,7 @@ ROWS: dict[str, dict[str, Any]] = {
             "stream_bits": 8,
             "recipe": _KD,
         },
-        "seeds": False,
+        "seeds": True,
     },
     "ddtb_w4a4_nogate": {
         "quant": {"method": "ddtb", "bits": 4, "dynamic_ratio": 0.0, "recipe": _KD},
