@@ -182,10 +182,12 @@ def build_subjects(args: argparse.Namespace) -> list[Subject]:
             for method in args.method.split(","):
                 for bits in (int(b) for b in str(args.bits).split(",")):
                     cls = DDTBConfig if method == "ddtb" else PAMSConfig
-                    q = quantize(fp, cls(bits=bits, layout=layout))
+                    stream = args.stream_bits if layout == "integer" else None
+                    q = quantize(fp, cls(bits=bits, layout=layout, stream_bits=stream))
                     calibrate(q, calib)
                     set_gates_applied(q, True)
                     tag = "_int" if layout == "integer" else ""
+                    tag += f"_s{stream}" if stream else ""
                     subjects.append(
                         Subject(
                             f"{args.arch}_x{args.scale}_{method}_w{bits}a{bits}{tag}",
@@ -634,6 +636,12 @@ def main() -> None:
     ap.add_argument("--method", default="ddtb", help="with --arch: comma list of ddtb,pams")
     ap.add_argument("--bits", default="4", help="with --arch: comma list of bit-widths")
     ap.add_argument("--layout", default="paper", help="with --arch: comma list of paper,integer")
+    ap.add_argument(
+        "--stream-bits",
+        type=int,
+        default=None,
+        help="with --layout integer: bit-width of the residual stream (default: --bits)",
+    )
     ap.add_argument(
         "--backends",
         help="time only these backends (comma list of torch_fp32, torch_fakequant, ort_fp32, "
