@@ -599,8 +599,13 @@ def export_onnx(
             check_inputs = [x * np.float32(rgb_range / 255.0) for x in _default_check_inputs()]
         report.parity = parity(model, sess, check_inputs, peak=rgb_range)
         if target == "openvino":
-            from .openvino_rt import OpenVinoSR
+            from .openvino_rt import OpenVinoSR, openvino_available
 
+            if not openvino_available():
+                raise ExportError(
+                    f"{out}: written, but checking it for OpenVINO needs the openvino package: "
+                    "pip install openvino (or export without --check)"
+                )
             ov = OpenVinoSR(out)
             report.parity += runtime_parity(model, ov, check_inputs, rgb_range, "openvino")
     return report
