@@ -15,7 +15,8 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   seed uses on the training split (then the same E2B);
 * ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
   body and upsampler conv between static quantizers, so it exports to integer kernels);
-  ``ddtb_w4a4_int_s8``: the same with an 8-bit residual stream (``stream_bits: 8``);
+  ``ddtb_w4a4_int_s8``, ``ddtb_w2a2_int_s8``: the same with an 8-bit residual stream
+  (``stream_bits: 8``);
   ``ddtb_w4a4_nogate``: the papers' layout without gates (the integer layout has none).
 
 Every 2-bit row and the Granular-DQ learned/random pair run ``--seeds`` seeds (default 3), the
@@ -102,6 +103,16 @@ ROWS: dict[str, dict[str, Any]] = {
         },
         "seeds": True,
     },
+    "ddtb_w2a2_int_s8": {
+        "quant": {
+            "method": "ddtb",
+            "bits": 2,
+            "layout": "integer",
+            "stream_bits": 8,
+            "recipe": _KD,
+        },
+        "seeds": False,
+    },
     "ddtb_w4a4_nogate": {
         "quant": {"method": "ddtb", "bits": 4, "dynamic_ratio": 0.0, "recipe": _KD},
         "seeds": False,
@@ -124,6 +135,7 @@ DIFFS = [
     ("DDTB w2a2 integer - paper layout", "ddtb_w2a2_int", "ddtb_w2a2"),
     ("DDTB w4a4 integer - paper layout without gates", "ddtb_w4a4_int", "ddtb_w4a4_nogate"),
     ("DDTB w4a4 integer, 8-bit stream - paper layout", "ddtb_w4a4_int_s8", "ddtb_w4a4"),
+    ("DDTB w2a2 integer, 8-bit stream - paper layout", "ddtb_w2a2_int_s8", "ddtb_w2a2"),
 ]
 
 TEST_SETS = {"photos": None, "bundled": {"type": "bundled", "split": "test"}}
