@@ -42,7 +42,11 @@ def _bits_label(name: str) -> str:
     if not q:
         return "32/32"
     if "bits" in q:
-        return f"{q['bits']}/{q['bits']}"
+        label = f"{q['bits']}/{q['bits']}"
+        if q.get("layout") == "integer":
+            stream = q.get("stream_bits")
+            label += f" integer layout{f', {stream}-bit stream' if stream else ''}"
+        return label
     return f"{q.get('weight_bits', '?')}/patch-wise"
 
 
