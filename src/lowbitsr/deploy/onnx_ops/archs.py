@@ -35,19 +35,7 @@ def _edsr(g: _Graph, lr: str, model: EDSR) -> str:
             t = _conv(g, h, blk.body[0], f"{name}.body.0")
             t = _seq(g, t, blk.body[1], f"{name}.body.1")
             t, qp = _act(g, t, blk.quant_act2, f"{name}.quant_act2")
-            between = qp is not None and _is_static(g, blk.quant_act3)
-            t = _conv(
-                g,
-                t,
-                blk.body[2],
-                f"{name}.body.2",
-                in_q=qp,
-                fuse=between and g.integer_convs,
-                qdq_float=between and not g.integer_convs,
-                post_scale=blk.res_scale,
-            )
-            t, _ = _act(g, t, blk.quant_act3, f"{name}.quant_act3")
-            h = g.op("Add", [t, r], name)
+            h = _conv2_and_skip(g, t, qp, r, blk, name)
         elif isinstance(blk, ResBlock):
             t = _seq(g, h, blk.body, f"{name}.body")
             if blk.res_scale != 1.0:
@@ -79,6 +67,14 @@ def _int_block(g: _Graph, h: str, blk: QuantResBlock, name: str) -> str:
         )
     else:
         t, qp2 = _dequant(g, c2[0], c2[1], f"{name}.quant_act2"), c2[1]
+    return _conv2_and_skip(g, t, qp2, r, blk, name)
+
+
+def _conv2_and_skip(
+    g: _Graph, t: str, qp2: _QParams | None, r: str, blk: QuantResBlock, name: str
+) -> str:
+    """The end of a quantized EDSR block (both layouts): conv2 on QA2's output (integer when
+    QA3 is static too, ``res_scale`` folded in), QA3, and the skip ``Add`` with ``r``."""
     between = qp2 is not None and _is_static(g, blk.quant_act3)
     t = _conv(
         g,
