@@ -38,6 +38,7 @@ from lowbitsr.quant.granular_dq import (
     compute_entropy_table,
     entropy_table_path,
     gdq_super_resolve,
+    gdq_tile_regions,
     gdq_tile_starts,
     load_entropy_table,
     quantize_granular_dq,
@@ -446,6 +447,36 @@ def test_batched_and_one_by_one_tiles_are_identical(arch: str, dtype: torch.dtyp
     else:  # float32 convs round differently for batch 1 and batch 4 (about 1e-7 relative)
         torch.testing.assert_close(sr_b, sr_1, rtol=0, atol=0.05)
     assert fab(bits_b) == pytest.approx(bits_b.double().mean().item())
+
+
+def test_given_bit_map_and_tile_regions() -> None:
+    q = _tiny("edsr").double().eval()
+    with torch.no_grad():
+        q.controller.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 100.0]))  # GBC: all 8 bits
+    q.e2b.set_thresholds((1.5, 2.0))
+    img = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(4)) * 255
+    img = torch.cat([img, torch.full_like(img, 128.0)], dim=3).double()
+    sr, bit_map = gdq_super_resolve(q, img, 2, tile=16, step=12)
+    again, same = gdq_super_resolve(q, img, 2, tile=16, step=12, bits=bit_map)
+    assert torch.equal(sr, again) and torch.equal(bit_map, same)  # a bit map reproduces a run
+    sr4, map4 = gdq_super_resolve(q, img, 2, tile=16, step=12, bits=4)
+    assert set(map4.flatten().tolist()) == {4} and not torch.equal(sr4, sr)
+    flipped = torch.where(bit_map == 4, 8, 4)
+    mixed, _ = gdq_super_resolve(q, img, 2, tile=16, step=12, bits=flipped)
+    sr8, _ = gdq_super_resolve(q, img, 2, tile=16, step=12, bits=8)
+    regions = gdq_tile_regions(40, 80, 16, 12)
+    assert len(regions) == bit_map.numel()
+    cover = torch.zeros(40, 80, dtype=torch.long)
+    for (y0, y1, x0, x1), b in zip(regions, flipped.flatten().tolist(), strict=True):
+        cover[y0:y1, x0:x1] += 1
+        ref = sr4 if b == 4 else sr8  # each region comes from its own tile's forward
+        box = (..., slice(2 * y0, 2 * y1), slice(2 * x0, 2 * x1))
+        assert torch.equal(mixed[box], ref[box])
+    assert torch.equal(cover, torch.ones_like(cover))  # the regions partition the image
+    with pytest.raises(ValueError, match="tile grid"):
+        gdq_super_resolve(q, img, 2, tile=16, step=12, bits=torch.full((2, 2), 4))
+    with pytest.raises(ValueError, match="batched"):
+        gdq_super_resolve(q, img, 2, tile=16, step=12, bits=4, batched=False)
 
 
 def test_fab_all_8_bit_and_fp() -> None:

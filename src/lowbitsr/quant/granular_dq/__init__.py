@@ -40,7 +40,7 @@ from .tables import (
     save_entropy_table,
 )
 from .tiling import _own_bounds as _own_bounds
-from .tiling import gdq_super_resolve, gdq_tile_starts
+from .tiling import gdq_super_resolve, gdq_tile_regions, gdq_tile_starts
 
 __all__ = [
     "DEFAULT_ATC_GAMMA",
@@ -56,6 +56,7 @@ __all__ = [
     "compute_entropy_table",
     "entropy_table_path",
     "gdq_super_resolve",
+    "gdq_tile_regions",
     "gdq_tile_starts",
     "load_entropy_table",
     "quantize_granular_dq",

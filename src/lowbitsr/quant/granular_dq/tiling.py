@@ -33,6 +33,20 @@ def _own_bounds(starts: list[int], tile: int, size: int) -> list[int]:
     return bounds
 
 
+def gdq_tile_regions(
+    height: int, width: int, tile: int, step: int
+) -> list[tuple[int, int, int, int]]:
+    """The LR region each tile of :func:`gdq_super_resolve` fills, ``(y0, y1, x0, x1)``.
+
+    One entry per tile in row-major order (the order of ``bit_map.flatten()``); the regions
+    partition the ``height x width`` LR image. Multiply by the scale for the SR region.
+    """
+    ys, xs = gdq_tile_starts(height, tile, step), gdq_tile_starts(width, tile, step)
+    by = _own_bounds(ys, min(tile, height), height)
+    bx = _own_bounds(xs, min(tile, width), width)
+    return [(by[i], by[i + 1], bx[j], bx[j + 1]) for i in range(len(ys)) for j in range(len(xs))]
+
+
 @torch.no_grad()
 def gdq_super_resolve(
     model: nn.Module,
@@ -43,6 +57,7 @@ def gdq_super_resolve(
     *,
     batched: bool = True,
     max_batch: int = 16,
+    bits: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Granular-DQ tiled inference (docs/methods.md §2.4): each LR tile at its own bit-width.
 
@@ -68,6 +83,10 @@ def gdq_super_resolve(
         tile, step: tile size and step in LR pixels (``0 < step <= tile``).
         batched: group tiles by bit-width (True) or run them one by one.
         max_batch: largest number of tiles per forward.
+        bits: run with this bit map instead of the model's decisions: an int (every tile) or
+            ``[n_rows, n_cols]`` (e.g. a ``bit_map`` of an earlier call, or an allocation to
+            compare against the controller's). Batched mode only; the model must have
+            ``force_bits``.
 
     Returns:
         ``(sr, bit_map)``: ``sr`` ``[1, 3, sH, sW]`` (not clamped); ``bit_map``
@@ -99,9 +118,22 @@ def gdq_super_resolve(
         ]
 
     n = len(boxes)
-    bits = torch.full((n,), 32, dtype=torch.long)
     decide = getattr(model, "decide_bits", None)
     force = getattr(model, "force_bits", None)
+    given = bits
+    bits = torch.full((n,), 32, dtype=torch.long)
+    if given is not None:
+        if not batched or not callable(force):
+            raise ValueError("gdq_super_resolve: bits= needs batched=True and a Granular-DQ model")
+        given = torch.as_tensor(given, dtype=torch.long).cpu()
+        if given.dim() == 0:
+            given = given.expand(n)
+        elif tuple(given.shape) != (len(ys), len(xs)):
+            raise ValueError(
+                f"gdq_super_resolve: bits must be an int or of shape {(len(ys), len(xs))} "
+                f"(the tile grid), got {tuple(given.shape)}"
+            )
+        bits = given.flatten().clone()
     if not batched:
         for k in range(n):
             out_k = model(crop(k)[None])
@@ -111,7 +143,7 @@ def gdq_super_resolve(
             place(k, out_k[0])
         return out, bits.view(len(ys), len(xs))
     tiles = torch.stack([crop(k) for k in range(n)])
-    if callable(decide) and callable(force):
+    if given is None and callable(decide) and callable(force):
         bits = torch.cat([decide(tiles[a : a + max_batch]).cpu() for a in range(0, n, max_batch)])
     for b in sorted(set(bits.tolist())):
         idx = torch.nonzero(bits == b).flatten().tolist()
