@@ -1,19 +1,31 @@
-"""The allocation arithmetic of bench/gdq_allocation.py (the Granular-DQ allocation study)."""
+"""The arithmetic of the study scripts in bench/: gdq_allocation.py and quant_ablation.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+import torch
 
-_SPEC = importlib.util.spec_from_file_location(
-    "gdq_allocation", Path(__file__).parents[1] / "bench" / "gdq_allocation.py"
-)
-assert _SPEC is not None and _SPEC.loader is not None
-alloc = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(alloc)
+from lowbitsr.models import create_model
+from lowbitsr.quant import DDTBConfig, quantize, quantized_convs, quantizers
+
+
+def _bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parents[1] / "bench" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+alloc = _bench("gdq_allocation")
+ablation = _bench("quant_ablation")
 
 CANDS = [4, 6, 8]
 
@@ -60,3 +72,22 @@ def test_pooled_oracle_moves_bits_to_the_image_that_gains_most() -> None:
     assert idx[1].sum() > idx[0].sum()  # the busy image gets the bits
     one = alloc.pooled_oracle([busy], [1000], CANDS, budget=4 * 6)[0]
     assert (one == alloc.oracle(busy, CANDS, 4 * 6)).all()  # one image: the per-image oracle
+
+
+def test_ablation_groups_cover_every_quantizer_and_switch_back() -> None:
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=3, n_feats=8)
+    q = quantize(fp, DDTBConfig(bits=2)).eval()
+    g = ablation.groups(q, per_block=True)
+    acts, convs = quantizers(q), quantized_convs(q)
+    assert len(g["acts"]) == len(acts) and len(g["weights"]) == len(convs)
+    assert [len(g[f"quant_act{i}"]) for i in (1, 2, 3)] == [3, 3, 3]
+    assert [len(g[f"block {b:02d}"]) for b in range(3)] == [5, 5, 5]  # 3 acts + 2 convs
+    lr = torch.rand(1, 3, 12, 12) * 255
+    with torch.no_grad():
+        ref = q(lr)
+        ablation._switch(g["all off"], False)
+        assert all(not m.enabled for m in g["all off"])
+        off = q(lr)
+        ablation._switch(g["all off"], True)
+        assert torch.equal(q(lr), ref) and not torch.equal(off, ref)
