@@ -20,7 +20,7 @@ PSNR is the standard protocol (Y, ``scale`` border pixels cropped, output rounde
 mean over the images. ``captured`` is ``(learned - shuffled) / (oracle - shuffled)``: the share of
 what allocation can win at this FAB that the controller wins.
 
-    python bench/gdq_allocation.py runs/campaign/gdq_s0 --data data/photos/test
+    python bench/gdq_allocation.py runs/campaign/gdq_s0 --data folder:data/photos/test
     python bench/gdq_allocation.py edsr_baseline_x4_gdq --data bundled:test --json out.json
 """
 
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="Granular-DQ model: run folder, saved model or pretrained name")
     p.add_argument(
         "--data",
-        default="data/photos/test",
-        help="folder of HR images or a dataset spec (bundled:test, folder:DIR)",
+        default="folder:data/photos/test",
+        help="dataset spec: folder:DIR, bundled:test, benchmark:DIR/NAME",
     )
     p.add_argument("--draws", type=int, default=200, help="random deals for 'shuffled'")
     p.add_argument("--threads", type=int, default=None)
@@ -188,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbitsr.specs import load_any_model, parse_dataset_spec
 
     try:
-        ref = (
-            str(Path(args.model) / "model")
-            if (Path(args.model) / "model.json").exists()
-            else args.model
-        )
-        model, name = load_any_model(ref)
+        model, name = load_any_model(args.model)
         if not is_dynamic_bits(model):
             raise LowbitsrError(f"{args.model}: not a Granular-DQ model")
         spec = parse_dataset_spec(args.data)
@@ -235,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     fabs = {k: float(np.mean([r[k]["fab"] for r in per_image])) for k in policies}
     span = mean["oracle"] - mean["shuffled"]
     record = {
-        "model": args.model if name == "model" else name,
+        "model": name,
         "data": str(args.data),
         "candidates": candidates,
         "mean_psnr": mean,

@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from lowbitsr.specs import load_any_model, parse_dataset_spec
 
     try:
-        run_model = Path(args.model) / "model"
-        ref = str(run_model) if run_model.with_suffix(".json").exists() else args.model
-        model, _ = load_any_model(ref)
+        model, _ = load_any_model(args.model)
         if not quantizers(model):
             raise LowbitsrError(f"{args.model}: no DDTB/PAMS activation quantizers in this model")
         scale = int(model.model_config["scale"])
