@@ -9,11 +9,15 @@ model's own decisions* (per image: same total, hence same FAB):
 - ``shuffled``: the same bits dealt to the tiles at random (mean over ``--draws`` draws): a
   random gate at exactly the learned frequencies, on the same weights;
 - ``entropy``: the same bits dealt by tile entropy (highest entropy gets the most bits);
+- ``qerr``: the same total bits by least *quantization error*: each tile's squared difference
+  from its own output at the highest candidate (no HR image needed: what a controller could
+  learn to predict from the LR tile);
 - ``oracle``: the allocation with the least error for the same total bits (greedy upgrades by
   error removed per bit, from every tile at the lowest candidate; it knows the HR image, so it
   is an upper bound no controller reaches);
-- ``oracle_pooled``: the oracle with one budget for all images (same total bits over the set,
-  greedy on mean PSNR per bit): it may move bits between images;
+- ``qerr_pooled`` / ``oracle_pooled``: the same with one budget for the whole set (the learned
+  bits' total over all images), so bits may move between images (``oracle_pooled``: greedy on
+  mean PSNR per bit);
 - ``all_<b>``: every tile at ``b`` bits (the model's weights at one fixed bit-width).
 
 PSNR is the standard protocol (Y, ``scale`` border pixels cropped, output rounded to 8 bits),
@@ -30,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +44,32 @@ import torch
 from lowbitsr.evaluate import format_table
 from lowbitsr.metrics import rgb_to_y
 from lowbitsr.quant.gdq_layers import patch_entropy
-from lowbitsr.quant.granular_dq import gdq_super_resolve, gdq_tile_regions
+from lowbitsr.quant.granular_dq import gdq_super_resolve, gdq_tile_regions, gdq_tile_starts
+
+
+@dataclass
+class ImageTiles:
+    """Per-tile errors of one image (``T`` tiles, ``C`` candidate bit-widths, ascending).
+
+    ``sse``: ``[T, C]`` squared Y error against HR; ``qerr``: ``[T, C]`` squared Y difference
+    from the output at the highest candidate (the quantization error as far as it shows at the
+    output; needs no HR); ``learned``: ``[T]`` the controller's bits; ``entropy``: ``[T]`` E2B
+    entropy of each tile; ``pixels``: Y pixels after the border crop.
+    """
+
+    sse: np.ndarray
+    qerr: np.ndarray
+    learned: np.ndarray
+    entropy: np.ndarray
+    pixels: int
 
 
 def tile_errors(
     model: Any, lr: torch.Tensor, hr8: np.ndarray, scale: int, candidates: list[int]
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Squared Y error of every tile at every candidate bit-width.
-
-    Args:
-        model: a Granular-DQ model in eval mode.
-        lr: ``[1, 3, h, w]`` in [0, 255]; hr8: ``sh x sw x 3`` uint8.
-    Returns:
-        ``(sse [tiles, candidates], learned bits [tiles], pixel count, entropy [tiles])``; the
-        pixel count is that of the Y image after the ``scale`` border crop.
-    """
+) -> ImageTiles:
+    """Run every tile of ``lr`` (``[1, 3, h, w]`` in [0, 255]) at every candidate bit-width and
+    measure each tile's own region against ``hr8`` (``sh x sw x 3`` uint8). ``model``: a
+    Granular-DQ model in eval mode."""
     cfg = model.config
     _, _, h, w = lr.shape
     regions = gdq_tile_regions(h, w, cfg.tile, cfg.tile_step)
@@ -61,23 +77,27 @@ def tile_errors(
     hr_y = rgb_to_y(hr8.astype(np.float64))
     mask = np.zeros(hr_y.shape, dtype=bool)
     mask[scale:-scale, scale:-scale] = True
-    sse = np.zeros((len(regions), len(candidates)))
-    for c, b in enumerate(candidates):
+    ys = []
+    for b in candidates:
         sr, _ = gdq_super_resolve(model, lr, scale, cfg.tile, cfg.tile_step, bits=b)
         sr8 = (sr[0] * (255.0 / model.rgb_range)).round().clamp(0, 255).to(torch.uint8)
-        err = (rgb_to_y(sr8.permute(1, 2, 0).numpy().astype(np.float64)) - hr_y) ** 2
-        err[~mask] = 0.0
-        for k, (y0, y1, x0, x1) in enumerate(regions):
-            sse[k, c] = err[y0 * scale : y1 * scale, x0 * scale : x1 * scale].sum()
+        ys.append(rgb_to_y(sr8.permute(1, 2, 0).numpy().astype(np.float64)))
+
+    def per_tile(sq: np.ndarray) -> list[float]:
+        sq[~mask] = 0.0
+        return [
+            sq[y0 * scale : y1 * scale, x0 * scale : x1 * scale].sum() for y0, y1, x0, x1 in regions
+        ]
+
+    sse = np.array([per_tile((y - hr_y) ** 2) for y in ys]).T
+    qerr = np.array([per_tile((y - ys[-1]) ** 2) for y in ys]).T
     tiles = torch.stack([lr[0, :, y0:y1, x0:x1] for (y0, y1, x0, x1) in _tile_boxes(h, w, cfg)])
     entropy = patch_entropy(tiles).numpy()
-    return sse, learned.flatten().numpy(), int(mask.sum()), entropy
+    return ImageTiles(sse, qerr, learned.flatten().numpy(), entropy, int(mask.sum()))
 
 
 def _tile_boxes(h: int, w: int, cfg: Any) -> list[tuple[int, int, int, int]]:
     """The full LR tile boxes (the controller's input), row-major like the regions."""
-    from lowbitsr.quant.granular_dq import gdq_tile_starts
-
     th, tw = min(cfg.tile, h), min(cfg.tile, w)
     ys, xs = (
         gdq_tile_starts(h, cfg.tile, cfg.tile_step),
@@ -86,58 +106,49 @@ def _tile_boxes(h: int, w: int, cfg: Any) -> list[tuple[int, int, int, int]]:
     return [(y, y + th, x, x + tw) for y in ys for x in xs]
 
 
-def oracle(sse: np.ndarray, candidates: list[int], budget: int) -> np.ndarray:
-    """Index into ``candidates`` per tile: greedy least error at ``sum(bits) <= budget``."""
-    idx = np.zeros(len(sse), dtype=int)
-    spent = len(sse) * candidates[0]
-    while True:
-        best, pick = 0.0, -1
-        for k in range(len(sse)):
-            i = idx[k]
-            if i + 1 >= len(candidates):
-                continue
-            cost = candidates[i + 1] - candidates[i]
-            if spent + cost > budget:
-                continue
-            gain = (sse[k, i] - sse[k, i + 1]) / cost
-            if gain > best:
-                best, pick = gain, k
-        if pick < 0:
-            return idx
-        spent += candidates[idx[pick] + 1] - candidates[idx[pick]]
-        idx[pick] += 1
-
-
-def pooled_oracle(
-    sses: list[np.ndarray], pixels: list[int], candidates: list[int], budget: int
+def greedy(
+    errors: list[np.ndarray],
+    candidates: list[int],
+    budget: int,
+    totals: list[float] | None = None,
 ) -> list[np.ndarray]:
-    """Like :func:`oracle` but one bit budget for all images, greedy on mean PSNR gained per bit.
+    """Bits for the tiles of several images under one budget, by greedy upgrades.
 
-    Returns one candidate-index array per image.
+    Every tile starts at the lowest candidate; the upgrade with the largest gain per extra bit
+    is taken while ``sum(bits) <= budget``. Gain: the drop of ``errors`` (``[T, C]`` per image)
+    or, with ``totals`` (each image's total squared error at the start), the PSNR gained by that
+    image (``10 log10(total / (total - drop))``), so that the *mean PSNR* over images rises
+    fastest. For one image both orders agree. Optimal when the errors are convex in bits.
+
+    Returns one ``[T]`` array of candidate indices per image.
     """
-    idx = [np.zeros(len(s), dtype=int) for s in sses]
-    total = [float(s[:, 0].sum()) for s in sses]
-    spent = sum(len(s) for s in sses) * candidates[0]
+    idx = [np.zeros(len(e), dtype=int) for e in errors]
+    total = None if totals is None else list(totals)
+    spent = sum(len(e) for e in errors) * candidates[0]
     while True:
         best, pick = 0.0, (-1, -1)
-        for n, s in enumerate(sses):
-            for k in range(len(s)):
+        for n, e in enumerate(errors):
+            for k in range(len(e)):
                 i = idx[n][k]
                 if i + 1 >= len(candidates):
                     continue
                 cost = candidates[i + 1] - candidates[i]
-                drop = s[k, i] - s[k, i + 1]
-                if spent + cost > budget or drop <= 0 or total[n] - drop <= 0:
+                drop = e[k, i] - e[k, i + 1]
+                if spent + cost > budget or drop <= 0:
                     continue
-                gain = 10.0 * math.log10(total[n] / (total[n] - drop)) / cost
-                if gain > best:
-                    best, pick = gain, (n, k)
+                if total is not None:
+                    if total[n] - drop <= 0:
+                        continue
+                    drop = 10.0 * math.log10(total[n] / (total[n] - drop))
+                if drop / cost > best:
+                    best, pick = drop / cost, (n, k)
         n, k = pick
         if n < 0:
             return idx
         i = idx[n][k]
         spent += candidates[i + 1] - candidates[i]
-        total[n] -= sses[n][k, i] - sses[n][k, i + 1]
+        if total is not None:
+            total[n] -= errors[n][k, i] - errors[n][k, i + 1]
         idx[n][k] += 1
 
 
@@ -146,25 +157,42 @@ def _psnr(total_sse: float, pixels: int) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def allocations(
-    sse: np.ndarray, learned: np.ndarray, entropy: np.ndarray, candidates: list[int], draws: int
-) -> dict[str, tuple[float, float]]:
-    """Policy -> (summed squared error, FAB) for one image."""
+def _score(t: ImageTiles, idx: np.ndarray, candidates: list[int]) -> dict[str, float]:
+    chosen = t.sse[np.arange(len(idx)), idx].sum()
+    return {"psnr": _psnr(chosen, t.pixels), "fab": float(np.mean([candidates[i] for i in idx]))}
+
+
+def allocations(t: ImageTiles, candidates: list[int], draws: int) -> dict[str, dict[str, float]]:
+    """Per-image policies (the learned bits' total kept) -> ``{"psnr", "fab"}`` of the image."""
     pos = {b: i for i, b in enumerate(candidates)}
-    rows = np.arange(len(sse))
-    li = np.array([pos[int(b)] for b in learned])
-    out: dict[str, tuple[float, float]] = {"learned": (sse[rows, li].sum(), learned.mean())}
+    li = np.array([pos[int(b)] for b in t.learned])
+    budget = int(t.learned.sum())
+    out = {"learned": _score(t, li, candidates)}
     rng = np.random.default_rng(0)
-    shuffled = [sse[rows, rng.permutation(li)].sum() for _ in range(draws)]
-    out["shuffled"] = (float(np.mean(shuffled)), learned.mean())
+    deals = [_score(t, rng.permutation(li), candidates) for _ in range(draws)]
+    out["shuffled"] = {k: float(np.mean([d[k] for d in deals])) for k in ("psnr", "fab")}
     by_entropy = np.empty_like(li)
-    by_entropy[np.argsort(entropy, kind="stable")] = np.sort(li)
-    out["entropy"] = (sse[rows, by_entropy].sum(), learned.mean())
-    oi = oracle(sse, candidates, int(learned.sum()))
-    out["oracle"] = (sse[rows, oi].sum(), float(np.mean([candidates[i] for i in oi])))
+    by_entropy[np.argsort(t.entropy, kind="stable")] = np.sort(li)
+    out["entropy"] = _score(t, by_entropy, candidates)
+    out["qerr"] = _score(t, greedy([t.qerr], candidates, budget)[0], candidates)
+    out["oracle"] = _score(t, greedy([t.sse], candidates, budget)[0], candidates)
     for c, b in enumerate(candidates):
-        out[f"all_{b}"] = (sse[:, c].sum(), float(b))
+        out[f"all_{b}"] = _score(t, np.full(len(li), c), candidates)
     return out
+
+
+def pooled(images: list[ImageTiles], candidates: list[int]) -> dict[str, list[dict[str, float]]]:
+    """Set-wide policies (one budget: the learned bits' total over all images) -> per image."""
+    budget = sum(int(t.learned.sum()) for t in images)
+    totals = [float(t.sse[:, 0].sum()) for t in images]
+    plans = {
+        "qerr_pooled": greedy([t.qerr for t in images], candidates, budget),
+        "oracle_pooled": greedy([t.sse for t in images], candidates, budget, totals),
+    }
+    return {
+        k: [_score(t, i, candidates) for t, i in zip(images, plan, strict=True)]
+        for k, plan in plans.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,31 +228,25 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     candidates = sorted(int(b) for b in model.ctx.candidates)
     per_image: list[dict[str, Any]] = []
-    kept: list[tuple[np.ndarray, int, int]] = []  # (sse, pixels, learned bit sum) per image
+    images: list[ImageTiles] = []
     for i in range(len(ds)):
         item = ds[i]
         hr8 = item["hr"].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        sse, learned, pixels, entropy = tile_errors(model, item["lr"][None], hr8, scale, candidates)
-        pol = allocations(sse, learned, entropy, candidates, args.draws)
-        row = {"image": item["name"], "tiles": len(sse)}
-        row.update({k: {"psnr": _psnr(e, pixels), "fab": f} for k, (e, f) in pol.items()})
-        corr = np.corrcoef(learned, sse[:, 0] - sse[:, -1])[0, 1] if learned.std() > 0 else 0.0
-        row["corr_bits_gain"] = float(corr)
-        kept.append((sse, pixels, int(learned.sum())))
+        t = tile_errors(model, item["lr"][None], hr8, scale, candidates)
+        row: dict[str, Any] = {"image": item["name"], "tiles": len(t.sse)}
+        row.update(allocations(t, candidates, args.draws))
+        gain = t.sse[:, 0] - t.sse[:, -1]
+        ok = t.learned.std() > 0 and gain.std() > 0
+        row["corr_bits_gain"] = float(np.corrcoef(t.learned, gain)[0, 1]) if ok else 0.0
         per_image.append(row)
+        images.append(t)
         print(
-            f"{item['name']}: {len(sse)} tiles, learned {pol['learned'][1]:.2f} bits",
+            f"{item['name']}: {len(t.sse)} tiles, learned FAB {t.learned.mean():.2f}",
             file=sys.stderr,
         )
-
-    sses, pix = [k[0] for k in kept], [k[1] for k in kept]
-    pooled = pooled_oracle(sses, pix, candidates, sum(k[2] for k in kept))
-    for row, s, px, oi in zip(per_image, sses, pix, pooled, strict=True):
-        chosen = s[np.arange(len(s)), oi].sum()
-        row["oracle_pooled"] = {
-            "psnr": _psnr(chosen, px),
-            "fab": float(np.mean([candidates[i] for i in oi])),
-        }
+    for key, scores in pooled(images, candidates).items():
+        for row, sc in zip(per_image, scores, strict=True):
+            row[key] = sc
     policies = [k for k in per_image[0] if isinstance(per_image[0][k], dict)]
     mean = {k: float(np.mean([r[k]["psnr"] for r in per_image])) for k in policies}
     fabs = {k: float(np.mean([r[k]["fab"] for r in per_image])) for k in policies}
