@@ -12,7 +12,11 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   ``ddtb_w2a2_nogate`` (no dynamic gates), ``ddtb_w4a4``: DDTB;
 * ``gdq``: Granular-DQ, candidates {4, 6, 8} + E2B; ``gdq_w8``: its fixed 8-bit model;
   ``gdq_random``: a random gate drawing the bits at the frequencies the learned gate of the same
-  seed uses on the training split (then the same E2B);
+  seed uses on the training split (then the same E2B); ``gdq_rd``: the trained ``gdq`` model of
+  the same seed with its controller refitted by rate–distortion on the training split
+  (:func:`lowbitsr.quant.granular_dq.with_rd_controller`, FAB 5; no training, weights unchanged);
+  ``gdq_random_rd``: the same refit of the ``gdq_random`` model (weights trained under a random
+  gate, which exercises every bit-width);
 * ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
   body and upsampler conv between static quantizers, so it exports to integer kernels);
   ``ddtb_w4a4_int_s8``, ``ddtb_w2a2_int_s8``: the same with an 8-bit residual stream
@@ -80,6 +84,20 @@ ROWS: dict[str, dict[str, Any]] = {
         "lr": 2e-4,
         "needs": "gdq",
     },
+    "gdq_rd": {
+        "quant": {"method": "granular_dq"},
+        "seeds": True,
+        "lr": 2e-4,
+        "needs": "gdq",
+        "fit": {"target_fab": 5.0},
+    },
+    "gdq_random_rd": {
+        "quant": {"method": "granular_dq"},
+        "seeds": True,
+        "lr": 2e-4,
+        "needs": "gdq_random",
+        "fit": {"target_fab": 5.0},
+    },
     "ddtb_w2a2_official": {
         "quant": {"method": "ddtb", "bits": 2, "compat": "official", "recipe": _KD},
         "seeds": True,
@@ -131,6 +149,11 @@ DIFFS = [
     ("DDTB w2a2 gates - no gates", "ddtb_w2a2", "ddtb_w2a2_nogate"),
     ("GDQ learned - random gate", "gdq", "gdq_random"),
     ("GDQ - fixed 8-bit", "gdq", "gdq_w8"),
+    ("GDQ rate-distortion - learned", "gdq_rd", "gdq"),
+    ("GDQ rate-distortion - random gate", "gdq_rd", "gdq_random"),
+    ("GDQ rate-distortion - fixed 8-bit", "gdq_rd", "gdq_w8"),
+    ("GDQ random-gate weights + RD - learned", "gdq_random_rd", "gdq"),
+    ("GDQ random-gate weights + RD - fixed 8-bit", "gdq_random_rd", "gdq_w8"),
     ("DDTB w4a4 integer - paper layout", "ddtb_w4a4_int", "ddtb_w4a4"),
     ("DDTB w2a2 integer - paper layout", "ddtb_w2a2_int", "ddtb_w2a2"),
     ("DDTB w4a4 integer - paper layout without gates", "ddtb_w4a4_int", "ddtb_w4a4_nogate"),
@@ -208,7 +231,7 @@ class Campaign:
             quant["recipe"] = {**quant["recipe"], "gate_stage_iters": max(1, it // 15)}
         if quant["method"] == "granular_dq":
             quant["atc_iterations"] = max(1, it // 10)
-        if spec.get("needs"):
+        if spec.get("needs") and quant.get("gate") == "random":
             quant["random_probs"] = self.gate_frequencies(seed)
         d = {
             "name": f"{row}_s{seed}",
@@ -266,6 +289,37 @@ class Campaign:
         probs = [round(float(x), 4) for x in counts / counts.sum()]
         probs[-1] = round(1.0 - sum(probs[:-1]), 4)  # sums to 1 after rounding
         return probs
+
+    def fit_controller(self, row: str, seed: int, run_dir: Path) -> None:
+        """``gdq_rd``: refit the controller of the ``gdq`` run of this seed on the train split."""
+        from lowbitsr.checkpoint import load_model, save_model
+        from lowbitsr.data import build_dataset
+        from lowbitsr.quant.granular_dq import with_rd_controller
+
+        src_dir = self.runs / f"{ROWS[row]['needs']}_s{seed}"
+        src = load_model(src_dir / "model").eval()
+        spec = {k: v for k, v in self.teacher_config().data.train.items() if k in ("type", "root")}
+        ds = build_dataset(spec, src.model_config["scale"], "eval")
+        k = src.rgb_range / 255.0
+        print(f"== {row}_s{seed}: fitting the controller of {src_dir.name} on {len(ds)} images")
+        t0 = time.time()
+        new, stats = with_rd_controller(
+            src, (ds[i]["lr"] * k for i in range(len(ds))), **ROWS[row]["fit"]
+        )
+        meta = json.loads((src_dir / "model.json").read_text())["meta"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_model(
+            new,
+            run_dir / "model",
+            meta={
+                "step": meta.get("step"),
+                "seconds": (meta.get("seconds") or 0.0) + time.time() - t0,
+                "best_val_psnr": None,
+                "source": str(src_dir),
+                "fit": stats,
+            },
+        )
+        print(f"== {row}_s{seed}: {json.dumps(stats)}", flush=True)
 
     # ---- claiming runs (several workers) ------------------------------------------------------
 
@@ -396,8 +450,11 @@ class Campaign:
             cfg = self.qat_config(row, seed)
             run_dir = cfg.run_dir
             if not (run_dir / "model.json").is_file():
-                print(f"== {name}: {self.args.iters} iterations", flush=True)
-                train(cfg, resume=True, device=self.args.device, progress=not self.args.quiet)
+                if ROWS[row].get("fit"):
+                    self.fit_controller(row, seed, run_dir)
+                else:
+                    print(f"== {name}: {self.args.iters} iterations", flush=True)
+                    train(cfg, resume=True, device=self.args.device, progress=not self.args.quiet)
             header = json.loads((run_dir / "model.json").read_text())
             model = load_model(run_dir / "model").eval()
             t0 = time.time()

@@ -29,6 +29,7 @@ from __future__ import annotations
 from .config import DEFAULT_ATC_GAMMA, OFFICIAL_ATC_GAMMA, GranularDQConfig
 from .model import GranularDQModel, calibrate_granular_dq, quantize_granular_dq
 from .model import _HeadTap as _HeadTap
+from .rd import with_rd_controller
 from .recipe import TABLE_PATCHES, GranularDQRecipe
 from .tables import (
     ENTROPY_TABLE_FORMAT,
@@ -61,4 +62,5 @@ __all__ = [
     "load_entropy_table",
     "quantize_granular_dq",
     "save_entropy_table",
+    "with_rd_controller",
 ]

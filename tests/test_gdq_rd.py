@@ -1,0 +1,101 @@
+"""The rate–distortion controller for Granular-DQ (lowbitsr.quant.granular_dq.rd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbitsr.checkpoint import load_model, save_model
+from lowbitsr.models import create_model
+from lowbitsr.quant.granular_dq import (
+    GranularDQConfig,
+    calibrate_granular_dq,
+    gdq_super_resolve,
+    quantize_granular_dq,
+    with_rd_controller,
+)
+from lowbitsr.quant.granular_dq.rd import (
+    calibrate_lambda,
+    fit_logistic,
+    image_tiles,
+    measure_tiles,
+    rd_choice,
+)
+
+
+def _images(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        img = torch.rand(3, 28, 40, generator=g) * 255
+        img[:, :, : 8 + 8 * i] = img[:, :, : 8 + 8 * i] * 0.05 + 120  # smooth part
+        out.append(img)
+    return out
+
+
+def _model(gate: str = "learned") -> object:
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=2, n_feats=16)
+    cfg = GranularDQConfig(entropy_thresholds=(2.0, 2.8), tile=16, tile_step=12, gate=gate)
+    q = quantize_granular_dq(fp, cfg)
+    calibrate_granular_dq(q, torch.stack(_images(2, 1))[:, :, :16, :16])
+    return q.eval()
+
+
+def test_lambda_and_choice() -> None:
+    bits = torch.tensor([4, 6, 8])
+    q = torch.tensor([[9.0, 2.0, 0.0], [1.0, 0.5, 0.0], [30.0, 1.0, 0.0], [0.1, 0.0, 0.0]])
+    assert rd_choice(q, bits, 0.0).tolist() == [2, 2, 2, 1]  # free bits: least error (ties low)
+    assert rd_choice(q, bits, 100.0).tolist() == [0, 0, 0, 0]
+    lam = calibrate_lambda(q, bits, 5.5)
+    chosen = bits[rd_choice(q, bits, lam)]
+    assert chosen.double().mean() <= 5.5
+    assert chosen.tolist()[2] >= chosen.tolist()[1]  # the tile that gains most keeps its bits
+    assert bits[rd_choice(q, bits, lam * 0.999)].double().mean() > 5.5  # smallest such lambda
+    with pytest.raises(ValueError, match="below the lowest"):
+        calibrate_lambda(q, bits, 3.0)
+
+
+def test_fit_logistic_separates_and_folds_the_standardisation() -> None:
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 7.0
+    score = (s[:, 1] - 7.0) / 10 + (s[:, 3] - 7.0) / 3  # ordinal classes along one direction
+    labels = (score > -0.5).long() + (score > 0.7).long()
+    w, b = fit_logistic(s, labels, 3, l2=1e-4)
+    acc = ((s.double() @ w.T + b).argmax(1) == labels).double().mean()
+    assert acc > 0.95
+
+
+def test_rd_controller_reuses_the_quantizers_and_hits_the_target(tmp_path: Path) -> None:
+    src = _model()
+    images = _images(3, 2)
+    new, stats = with_rd_controller(src, images, target_fab=5.0, batch=4)
+    assert new.config.use_e2b is False and new.e2b is None
+    assert new.config.gbc_bits == src.config.candidates == new.config.candidates
+    lr = images[0][None]
+    for b in src.config.candidates:  # weights and quantizers untouched: same output per bit
+        with torch.no_grad(), src.force_bits(b), new.force_bits(b):
+            assert torch.equal(src(lr[..., :16, :16]), new(lr[..., :16, :16]))
+    tiles = torch.cat([image_tiles(im, 16, 12) for im in images])
+    assert stats["tiles"] == len(tiles)
+    decided = new.decide_bits(tiles).double()
+    assert decided.mean().item() == pytest.approx(stats["fit_fab"])
+    assert stats["fit_fab"] <= 5.0 and stats["label_fab"] <= 5.0
+    assert sum(stats["label_bits"].values()) == pytest.approx(1.0, abs=1e-3)
+    s, q = measure_tiles(new, tiles)
+    assert s.shape == (len(tiles), 48) and q.shape == (len(tiles), 4)
+    assert torch.all(q[:, -1] == 0) and torch.all(q[:, 0] >= 0)
+    # saved and loaded like any Granular-DQ model, with the same decisions
+    save_model(new, tmp_path / "rd", meta={"fit": stats})
+    back = load_model(tmp_path / "rd")
+    assert torch.equal(back.decide_bits(tiles), new.decide_bits(tiles))
+    _, bit_map = gdq_super_resolve(back, images[1][None], 2, 16, 12)
+    assert set(bit_map.flatten().tolist()) <= set(src.config.candidates)
+
+
+def test_rd_controller_from_a_random_gate_model() -> None:
+    src = _model(gate="random")
+    new, stats = with_rd_controller(src, _images(2, 5), target_fab=6.0, batch=8)
+    assert new.config.gate == "learned" and stats["fit_fab"] <= 6.0
