@@ -16,7 +16,9 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   the same seed with its controller refitted by rate–distortion on the training split
   (:func:`lowbitsr.quant.granular_dq.with_rd_controller`, FAB 5; no training, weights unchanged);
   ``gdq_random_rd``: the same refit of the ``gdq_random`` model (weights trained under a random
-  gate, which exercises every bit-width);
+  gate, which exercises every bit-width); both fit the expected PSNR cost (``objective: psnr``,
+  ``loss: cost``); ``gdq_rd_mse_labels``: the first fit tried (a classifier of per-tile MSE
+  labels, no HR);
 * ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
   body and upsampler conv between static quantizers, so it exports to integer kernels);
   ``ddtb_w4a4_int_s8``, ``ddtb_w2a2_int_s8``: the same with an 8-bit residual stream
@@ -89,14 +91,22 @@ ROWS: dict[str, dict[str, Any]] = {
         "seeds": True,
         "lr": 2e-4,
         "needs": "gdq",
-        "fit": {"target_fab": 5.0},
+        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "cost"},
     },
     "gdq_random_rd": {
         "quant": {"method": "granular_dq"},
         "seeds": True,
         "lr": 2e-4,
         "needs": "gdq_random",
-        "fit": {"target_fab": 5.0},
+        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "cost"},
+    },
+    # the first fit tried: an HR-free classifier of the per-tile MSE labels (one seed)
+    "gdq_rd_mse_labels": {
+        "quant": {"method": "granular_dq"},
+        "seeds": False,
+        "lr": 2e-4,
+        "needs": "gdq",
+        "fit": {"target_fab": 5.0, "objective": "mse", "loss": "labels"},
     },
     "ddtb_w2a2_official": {
         "quant": {"method": "ddtb", "bits": 2, "compat": "official", "recipe": _KD},
@@ -291,21 +301,45 @@ class Campaign:
         return probs
 
     def fit_controller(self, row: str, seed: int, run_dir: Path) -> None:
-        """``gdq_rd``: refit the controller of the ``gdq`` run of this seed on the train split."""
+        """``gdq_rd``: refit the controller of the ``gdq`` run of this seed on the train split.
+
+        The tile measurements are kept beside the source model
+        (``rd_tiles_<objective>.safetensors``), so rows that differ only in the fit reuse them.
+        """
+        from safetensors.torch import load_file, save_file
+
         from lowbitsr.checkpoint import load_model, save_model
         from lowbitsr.data import build_dataset
-        from lowbitsr.quant.granular_dq import with_rd_controller
+        from lowbitsr.quant.granular_dq import (
+            TileMeasurements,
+            fit_rd_controller,
+            measure_images,
+            rd_model,
+        )
 
+        fit = dict(ROWS[row]["fit"])
+        objective = fit.pop("objective", "psnr")
         src_dir = self.runs / f"{ROWS[row]['needs']}_s{seed}"
         src = load_model(src_dir / "model").eval()
-        spec = {k: v for k, v in self.teacher_config().data.train.items() if k in ("type", "root")}
-        ds = build_dataset(spec, src.model_config["scale"], "eval")
-        k = src.rgb_range / 255.0
-        print(f"== {row}_s{seed}: fitting the controller of {src_dir.name} on {len(ds)} images")
+        new = rd_model(src)
+        cache = src_dir / f"rd_tiles_{objective}.safetensors"
         t0 = time.time()
-        new, stats = with_rd_controller(
-            src, (ds[i]["lr"] * k for i in range(len(ds))), **ROWS[row]["fit"]
-        )
+        if cache.is_file():
+            m = TileMeasurements(**load_file(str(cache)))
+        else:
+            spec = {
+                k: v for k, v in self.teacher_config().data.train.items() if k in ("type", "root")
+            }
+            ds = build_dataset(spec, src.model_config["scale"], "eval")
+            k = src.rgb_range / 255.0
+            print(f"== {row}_s{seed}: measuring {src_dir.name} on {len(ds)} images", flush=True)
+            items = (
+                (ds[i]["lr"] * k, ds[i]["hr"] * k) if objective == "psnr" else ds[i]["lr"] * k
+                for i in range(len(ds))
+            )
+            m = measure_images(new, items, objective=objective)
+            save_file(m.to_tensors(), str(cache))
+        stats = {**fit_rd_controller(new, m, **fit), "objective": objective}
         meta = json.loads((src_dir / "model.json").read_text())["meta"]
         run_dir.mkdir(parents=True, exist_ok=True)
         save_model(

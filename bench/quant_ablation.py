@@ -15,7 +15,7 @@ unchanged), and with everything off (the QAT-trained float weights):
 quantizers as a whole). Groups interact: the amounts need not add up, and switching off one group
 can lose (the others were trained around it). PSNR: Y channel, ``scale`` border, whole images.
 
-    python bench/quant_ablation.py runs/campaign/ddtb_w4a4_s0 --data folder:data/photos/test
+    python bench/quant_ablation.py runs/campaign/ddtb_w4a4_s0 --json out/ablation.json
     python bench/quant_ablation.py edsr_baseline_x4_ddtb_w2a2 --data bundled:test --per-block
 """
 

@@ -18,10 +18,13 @@ from lowbitsr.quant.granular_dq import (
 )
 from lowbitsr.quant.granular_dq.rd import (
     calibrate_lambda,
-    fit_logistic,
+    fit_linear,
+    fit_rd_controller,
     image_tiles,
+    measure_images,
     measure_tiles,
     rd_choice,
+    rd_model,
 )
 
 
@@ -58,20 +61,30 @@ def test_lambda_and_choice() -> None:
         calibrate_lambda(q, bits, 3.0)
 
 
-def test_fit_logistic_separates_and_folds_the_standardisation() -> None:
+def test_fit_linear_separates_and_folds_the_standardisation() -> None:
     g = torch.Generator().manual_seed(0)
     s = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 7.0
     score = (s[:, 1] - 7.0) / 10 + (s[:, 3] - 7.0) / 3  # ordinal classes along one direction
     labels = (score > -0.5).long() + (score > 0.7).long()
-    w, b = fit_logistic(s, labels, 3, l2=1e-4)
+    w, b = fit_linear(s, labels, loss="labels", l2=1e-4)
     acc = ((s.double() @ w.T + b).argmax(1) == labels).double().mean()
     assert acc > 0.95
+    # cost-sensitive: the cost of choosing k is 0 for the right class, and large for the
+    # tiles with a big margin: those must come out right even at a small weight on the rest
+    cost = torch.ones(200, 3) * (1 + 20 * score.abs())[:, None]
+    cost[torch.arange(200), labels] = 0.0
+    w, b = fit_linear(s, cost, loss="cost", l2=1e-4)
+    chosen = (s.double() @ w.T + b).argmax(1)
+    big = score.abs() > 1.0
+    assert (chosen[big] == labels[big]).all() and (chosen == labels).double().mean() > 0.9
+    with pytest.raises(ValueError, match="loss must be"):
+        fit_linear(s, labels, loss="hinge")
 
 
 def test_rd_controller_reuses_the_quantizers_and_hits_the_target(tmp_path: Path) -> None:
     src = _model()
     images = _images(3, 2)
-    new, stats = with_rd_controller(src, images, target_fab=5.0, batch=4)
+    new, stats = with_rd_controller(src, images, target_fab=5.0, objective="mse", batch=4)
     assert new.config.use_e2b is False and new.e2b is None
     assert new.config.gbc_bits == src.config.candidates == new.config.candidates
     lr = images[0][None]
@@ -84,7 +97,8 @@ def test_rd_controller_reuses_the_quantizers_and_hits_the_target(tmp_path: Path)
     assert decided.mean().item() == pytest.approx(stats["fit_fab"])
     assert stats["fit_fab"] <= 5.0 and stats["label_fab"] <= 5.0
     assert sum(stats["label_bits"].values()) == pytest.approx(1.0, abs=1e-3)
-    s, q = measure_tiles(new, tiles)
+    s, q, e = measure_tiles(new, tiles)
+    assert e is None
     assert s.shape == (len(tiles), 48) and q.shape == (len(tiles), 4)
     assert torch.all(q[:, -1] == 0) and torch.all(q[:, 0] >= 0)
     # saved and loaded like any Granular-DQ model, with the same decisions
@@ -97,5 +111,30 @@ def test_rd_controller_reuses_the_quantizers_and_hits_the_target(tmp_path: Path)
 
 def test_rd_controller_from_a_random_gate_model() -> None:
     src = _model(gate="random")
-    new, stats = with_rd_controller(src, _images(2, 5), target_fab=6.0, batch=8)
+    new, stats = with_rd_controller(src, _images(2, 5), target_fab=6.0, objective="mse")
     assert new.config.gate == "learned" and stats["fit_fab"] <= 6.0
+
+
+def test_psnr_objective_weighs_tiles_by_their_image() -> None:
+    src = _model()
+    lrs = _images(2, 3)
+    # image 1's HR is its own 8-bit output plus a little noise; image 0's is far off
+    hrs = []
+    for i, lr in enumerate(lrs):
+        with torch.no_grad(), src.force_bits(8):
+            sr, _ = gdq_super_resolve(src, lr[None], 2, 16, 12, bits=8)
+        noise = torch.randn(sr[0].shape, generator=torch.Generator().manual_seed(i))
+        hrs.append(sr[0] + noise * (30.0 if i == 0 else 1.0))
+    new = rd_model(src)
+    m = measure_images(new, list(zip(lrs, hrs, strict=True)), objective="psnr")
+    assert m.weight.mean().item() == pytest.approx(1.0, abs=1e-6)
+    w0, w1 = m.weight[m.image == 0], m.weight[m.image == 1]
+    assert torch.all(w0 == w0[0]) and w1[0] > 10 * w0[0]  # the near-perfect image weighs more
+    plain = measure_images(new, lrs, objective="mse")
+    assert torch.equal(plain.q, m.q) and torch.all(plain.weight == 1)
+    stats = fit_rd_controller(new, m, 5.0)
+    assert stats["fit_cost"] >= stats["label_cost"] - 1e-9 and stats["fit_fab"] <= 5.0
+    with pytest.raises(ValueError, match="needs \\(lr, hr\\) pairs"):
+        measure_images(new, lrs, objective="psnr")
+    with pytest.raises(ValueError, match="rd_model"):
+        fit_rd_controller(src, m, 5.0)

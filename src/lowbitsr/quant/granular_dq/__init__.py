@@ -29,7 +29,13 @@ from __future__ import annotations
 from .config import DEFAULT_ATC_GAMMA, OFFICIAL_ATC_GAMMA, GranularDQConfig
 from .model import GranularDQModel, calibrate_granular_dq, quantize_granular_dq
 from .model import _HeadTap as _HeadTap
-from .rd import with_rd_controller
+from .rd import (
+    TileMeasurements,
+    fit_rd_controller,
+    measure_images,
+    rd_model,
+    with_rd_controller,
+)
 from .recipe import TABLE_PATCHES, GranularDQRecipe
 from .tables import (
     ENTROPY_TABLE_FORMAT,
@@ -52,15 +58,19 @@ __all__ = [
     "GranularDQConfig",
     "GranularDQModel",
     "GranularDQRecipe",
+    "TileMeasurements",
     "build_entropy_table",
     "calibrate_granular_dq",
     "compute_entropy_table",
     "entropy_table_path",
+    "fit_rd_controller",
     "gdq_super_resolve",
     "gdq_tile_regions",
     "gdq_tile_starts",
     "load_entropy_table",
+    "measure_images",
     "quantize_granular_dq",
+    "rd_model",
     "save_entropy_table",
     "with_rd_controller",
 ]

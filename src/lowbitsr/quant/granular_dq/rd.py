@@ -8,14 +8,17 @@ cost and buy, with the rest of the model frozen:
 
 1. every LR tile of a set of images (the inference tile grid) runs at every candidate
    bit-width; ``q_b`` is the tile's mean squared Y difference between its output at ``b`` bits
-   and at the highest candidate (the quantization error as it reaches the output; no HR image
-   is needed, so any unlabelled images serve);
-2. the rate–distortion label of a tile is ``argmin_b q_b + lambda * b``, with one ``lambda`` for
-   all tiles set so that the mean bits equal ``target_fab`` (the Lagrangian form of "least
-   total error for this many bits");
-3. a multinomial logistic regression from the GBC's multi-granularity descriptor ``S`` to the
-   labels becomes the GBC's linear layer (a bias along the bits then puts the fitted
-   controller's own mean bits on the fit tiles at ``target_fab``).
+   and at the highest candidate (the quantization error as it reaches the output;
+   :func:`measure_images`). With ``objective="psnr"`` a tile's cost is ``q_b`` over its
+   image's MSE against HR (the first-order PSNR change, so bits go where they buy the most dB
+   of *mean* PSNR); with ``"mse"`` plain ``q_b``, which needs no HR image;
+2. one ``lambda`` for all tiles, the smallest whose choice ``argmin_b cost_b + lambda * b`` has
+   mean bits at most ``target_fab`` (the Lagrangian form of "least total cost for this many
+   bits", :func:`calibrate_lambda`);
+3. a linear layer from the GBC's multi-granularity descriptor ``S`` that minimises the expected
+   ``cost_b + lambda * b`` under its softmax (``loss="cost"``; ``"labels"``: a classifier of the
+   argmin) becomes the GBC's linear layer, with a bias along the bits that puts the fitted
+   controller's own mean bits on the fit tiles at ``target_fab`` (:func:`fit_rd_controller`).
 
 E2B is switched off (the fitted controller already sees the tile) and the GBC chooses among all
 the model's candidate bit-widths, so every quantizer's parameters are reused as they are.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,22 +41,52 @@ from .model import GranularDQModel, quantize_granular_dq
 from .tiling import gdq_tile_starts
 
 
+def tile_boxes(height: int, width: int, tile: int, step: int) -> list[tuple[int, int, int, int]]:
+    """The full LR tiles of the inference grid as ``(y0, y1, x0, x1)``, row-major."""
+    th, tw = min(tile, height), min(tile, width)
+    ys, xs = gdq_tile_starts(height, tile, step), gdq_tile_starts(width, tile, step)
+    return [(y, y + th, x, x + tw) for y in ys for x in xs]
+
+
 def image_tiles(lr: Tensor, tile: int, step: int) -> Tensor:
     """The full LR tiles of one ``[3, H, W]`` image on the inference grid -> ``[T, 3, t, t]``."""
-    _, h, w = lr.shape
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = gdq_tile_starts(h, tile, step), gdq_tile_starts(w, tile, step)
-    return torch.stack([lr[:, y : y + th, x : x + tw] for y in ys for x in xs])
+    boxes = tile_boxes(lr.shape[1], lr.shape[2], tile, step)
+    return torch.stack([lr[:, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
+
+
+@dataclass
+class TileMeasurements:
+    """What :func:`measure_images` found on ``T`` tiles (``K`` candidate bit-widths).
+
+    ``s``: ``[T, 3C]`` GBC descriptors; ``q``: ``[T, K]`` mean squared Y difference (0-255
+    scale) between each tile's output at ``candidates[k]`` and at the highest candidate;
+    ``image``: ``[T]`` index of the image each tile comes from; ``weight``: ``[T]`` the tile's
+    weight in the objective (1, or for ``objective="psnr"`` the inverse of its image's MSE
+    against HR at the highest candidate, normalised to mean 1).
+    """
+
+    s: Tensor
+    q: Tensor
+    image: Tensor
+    weight: Tensor
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Plain tensors, e.g. for ``safetensors.torch.save_file``."""
+        return {k: v.contiguous() for k, v in dataclasses.asdict(self).items()}
 
 
 @torch.no_grad()
-def measure_tiles(model: GranularDQModel, tiles: Tensor, batch: int = 8) -> tuple[Tensor, Tensor]:
+def measure_tiles(
+    model: GranularDQModel, tiles: Tensor, batch: int = 8, hr: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """GBC descriptors and quantization errors of ``tiles`` ``[T, 3, t, t]`` (``[0, rgb_range]``).
 
     Returns:
-        ``(S [T, 3C], q [T, K])``: ``S`` the model's GBC descriptor of each tile's head features,
-        ``q[:, k]`` the mean squared Y difference (0-255 scale) between the tile's output at
-        ``candidates[k]`` and at the highest candidate (so ``q[:, -1] == 0``).
+        ``(S [T, 3C], q [T, K], e [T] or None)``: ``S`` the model's GBC descriptor of each tile's
+        head features, ``q[:, k]`` the mean squared Y difference (0-255 scale) between the
+        tile's output at ``candidates[k]`` and at the highest candidate (so ``q[:, -1] == 0``);
+        with ``hr`` (``[T, 3, s t, s t]``, same range), ``e`` the mean squared Y error of the
+        output at the highest candidate against it.
     """
     gbc = model.controller.gbc
     if gbc is None:
@@ -61,9 +95,10 @@ def measure_tiles(model: GranularDQModel, tiles: Tensor, batch: int = 8) -> tupl
     feats: list[Tensor] = []
     hook = model.controller.register_forward_pre_hook(lambda _m, a: feats.append(a[0]))
     to255 = 255.0 / model.rgb_range
-    s_all, q_all = [], []
+    s_all, q_all, e_all = [], [], []
     try:
-        for chunk in tiles.split(batch):
+        for n0 in range(0, len(tiles), batch):
+            chunk = tiles[n0 : n0 + batch]
             ys = []
             for b in reversed(cands):  # the top first: its pass also gives the head features
                 feats.clear()
@@ -74,9 +109,59 @@ def measure_tiles(model: GranularDQModel, tiles: Tensor, batch: int = 8) -> tupl
                 ys.append(rgb_to_y((out * to255).clamp(0, 255)))
             ys.reverse()
             q_all.append(torch.stack([((y - ys[-1]) ** 2).mean(dim=(1, 2, 3)) for y in ys], 1))
+            if hr is not None:
+                ref = rgb_to_y(hr[n0 : n0 + batch] * to255)
+                e_all.append(((ys[-1] - ref) ** 2).mean(dim=(1, 2, 3)))
     finally:
         hook.remove()
-    return torch.cat(s_all), torch.cat(q_all)
+    return torch.cat(s_all), torch.cat(q_all), torch.cat(e_all) if hr is not None else None
+
+
+def measure_images(
+    model: GranularDQModel,
+    images: Iterable[Tensor | tuple[Tensor, Tensor]],
+    *,
+    objective: str = "psnr",
+    batch: int = 8,
+) -> TileMeasurements:
+    """Cut every image into the model's inference tiles and :func:`measure_tiles` them.
+
+    Args:
+        images: LR ``[3, H, W]`` in ``[0, rgb_range]``, or ``(lr, hr)`` pairs (``hr``
+            ``[3, sH, sW]``, needed for ``objective="psnr"``).
+        objective: ``"mse"``: every tile weighs the same (least total squared error);
+            ``"psnr"``: a tile weighs ``1 / MSE`` of its image (the first-order change of the
+            image's PSNR), so the *mean PSNR over images* is what the bits buy.
+    """
+    if objective not in ("mse", "psnr"):
+        raise ValueError(f"objective must be 'mse' or 'psnr', got {objective!r}")
+    cfg = model.config
+    scale = int(model.scale)
+    s_l, q_l, img_l, w_l = [], [], [], []
+    for i, item in enumerate(images):
+        lr, hr = item if isinstance(item, tuple) else (item, None)
+        if objective == "psnr" and hr is None:
+            raise ValueError("objective='psnr' needs (lr, hr) pairs")
+        tiles = image_tiles(lr, cfg.tile, cfg.tile_step)
+        hr_tiles = None
+        if objective == "psnr":
+            boxes = tile_boxes(lr.shape[1], lr.shape[2], cfg.tile, cfg.tile_step)
+            hr_tiles = torch.stack(
+                [
+                    hr[:, y0 * scale : y1 * scale, x0 * scale : x1 * scale]
+                    for y0, y1, x0, x1 in boxes
+                ]
+            )
+        s, q, e = measure_tiles(model, tiles, batch, hr_tiles)
+        s_l.append(s)
+        q_l.append(q)
+        img_l.append(torch.full((len(s),), i, dtype=torch.long))
+        w = torch.ones(len(s)) if e is None else torch.full((len(s),), 1.0 / float(e.mean()))
+        w_l.append(w)
+    weight = torch.cat(w_l).double()
+    return TileMeasurements(
+        torch.cat(s_l), torch.cat(q_l), torch.cat(img_l), (weight / weight.mean()).float()
+    )
 
 
 def rd_choice(q: Tensor, bits: Tensor, lam: float) -> Tensor:
@@ -107,23 +192,47 @@ def calibrate_lambda(q: Tensor, bits: Tensor, target_fab: float) -> float:
     return _bisect(lambda lam: float(b[rd_choice(qd, bits, lam)].mean()), target_fab, 0.0, hi)
 
 
-def fit_logistic(
-    s: Tensor, labels: Tensor, classes: int, l2: float = 1e-2, iters: int = 200
+def fit_linear(
+    s: Tensor,
+    target: Tensor,
+    *,
+    loss: str = "cost",
+    l2: float = 1e-2,
+    iters: int = 200,
 ) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression on standardised ``s`` ``[T, D]``; returns the weight
-    ``[classes, D]`` and bias ``[classes]`` of the equivalent linear layer on raw ``s``."""
+    """A linear layer ``s`` ``[T, D]`` -> ``K`` logits, fitted on standardised ``s``.
+
+    ``loss="labels"``: multinomial logistic regression on class indices ``target`` ``[T]``
+    (``K`` = ``target.max() + 1`` unless more columns are needed); ``loss="cost"``:
+    ``target`` is a cost matrix ``[T, K]`` and the fit minimises the expected cost under the
+    softmax, ``mean_t sum_k softmax(z_t)_k target[t, k]`` (cost-sensitive: a tile where the
+    wrong choice costs a lot weighs a lot). Both with ``l2 * |W|^2``. Returns the weight
+    ``[K, D]`` and bias ``[K]`` of the equivalent layer on raw ``s``.
+    """
     s = s.double()
     mu, sd = s.mean(0), s.std(0).clamp_min(1e-6)
     z = (s - mu) / sd
-    w = torch.zeros(classes, s.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    if loss == "labels":
+        k = int(target.max()) + 1
+    elif loss == "cost":
+        k = target.shape[1]
+        cost = target.double() / target.double().abs().mean().clamp_min(1e-12)
+    else:
+        raise ValueError(f"loss must be 'labels' or 'cost', got {loss!r}")
+    w = torch.zeros(k, s.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, labels) + l2 * (w**2).sum()
-        loss.backward()
-        return loss
+        logits = z @ w.T + b
+        if loss == "labels":
+            fit = F.cross_entropy(logits, target)
+        else:
+            fit = (logits.softmax(1) * cost).sum(1).mean()
+        out = fit + l2 * (w**2).sum()
+        out.backward()
+        return out
 
     with torch.enable_grad():
         opt.step(closure)
@@ -131,29 +240,14 @@ def fit_logistic(
     return w_raw, (b - w_raw @ mu).detach()
 
 
-def with_rd_controller(
-    model: GranularDQModel,
-    images: Iterable[Tensor],
-    target_fab: float = 5.0,
-    *,
-    l2: float = 1e-2,
-    batch: int = 8,
-) -> tuple[GranularDQModel, dict[str, Any]]:
-    """A copy of ``model`` whose bits come from a fitted rate–distortion controller.
+def rd_model(model: GranularDQModel) -> GranularDQModel:
+    """A copy of ``model`` with a fresh GBC over all its candidates, E2B and ATC off.
 
-    Args:
-        model: a trained :class:`GranularDQModel` (any gate; its weights and quantizers are
-            reused unchanged).
-        images: LR images ``[3, H, W]`` in ``[0, rgb_range]`` to fit on (e.g. the training
-            split; never the test split). Each is cut into the model's inference tiles.
-        target_fab: mean bits on the fit tiles (the FAB the controller aims at).
-        l2: L2 weight of the logistic regression on standardised descriptors.
-    Returns:
-        ``(new_model, stats)``: the model in eval mode (config: ``gate="learned"``,
-        ``gbc_bits`` = all candidates, E2B off) and a JSON-able dict with ``lambda``, the
-        number of fit tiles, the label frequencies, the fitted controller's agreement with the
-        labels and its mean bits on the fit tiles.
+    Every weight and quantizer parameter is copied; the GBC's linear layer is left at its
+    initialisation (``fit_rd_controller`` sets it).
     """
+    from ...models import create_model
+
     src = model.config
     cfg = dataclasses.replace(
         src,
@@ -165,8 +259,6 @@ def with_rd_controller(
         fixed_bits=None,
         random_probs=None,
     )
-    from ...models import create_model
-
     new = quantize_granular_dq(create_model(**model.model_config), cfg, inplace=True)
     keep = {
         k: v
@@ -177,16 +269,36 @@ def with_rd_controller(
     missing, unexpected = new.load_state_dict(keep, strict=False)
     left = {k for k in missing if not k.startswith("controller.gbc.")}
     if left or unexpected:
-        raise ValueError(f"with_rd_controller: state mismatch {sorted(left)} {unexpected}")
-    new.eval()
-    tiles = torch.cat([image_tiles(im, cfg.tile, cfg.tile_step) for im in images])
-    s, q = measure_tiles(new, tiles, batch)
-    bits = torch.tensor(cfg.candidates)
-    lam = calibrate_lambda(q, bits, target_fab)
-    labels = rd_choice(q.double(), bits, lam)
-    w, b = fit_logistic(s, labels, len(bits), l2)
-    logits = s.double() @ w.T + b
-    # a shift along the bits puts the controller's own mean bits on the fit tiles at the target
+        raise ValueError(f"rd_model: state mismatch {sorted(left)} {unexpected}")
+    return new.eval()
+
+
+def fit_rd_controller(
+    model: GranularDQModel,
+    m: TileMeasurements,
+    target_fab: float = 5.0,
+    *,
+    loss: str = "cost",
+    l2: float = 1e-2,
+) -> dict[str, Any]:
+    """Fit the GBC's linear layer of ``model`` (from :func:`rd_model`) in place.
+
+    Cost of bit-width ``b`` for a tile: ``weight * q_b``; ``lambda`` is the smallest with mean
+    bits of ``argmin_b cost_b + lambda * b`` at most ``target_fab`` over the tiles. ``loss``:
+    ``"cost"`` (default) fits the expected Lagrangian cost, ``"labels"`` a classifier of the
+    argmin labels. A bias ``-delta * b`` then sets the fitted mean bits on these tiles to at
+    most ``target_fab``. Returns JSON-able statistics.
+    """
+    bits = torch.tensor(model.config.candidates)
+    if tuple(model.config.gbc_bits) != tuple(model.config.candidates) or m.q.shape[1] != len(bits):
+        raise ValueError("fit_rd_controller: build the model with rd_model() first")
+    cost = m.q.double() * m.weight.double()[:, None]
+    lam = calibrate_lambda(cost, bits, target_fab)
+    total = cost + lam * bits.double()[None, :]
+    labels = total.argmin(1)
+    target = labels if loss == "labels" else total
+    w, b = fit_linear(m.s, target, loss=loss, l2=l2)
+    logits = m.s.double() @ w.T + b
     span = float(logits.abs().max()) + 1.0
     bd = bits.double()
 
@@ -195,22 +307,60 @@ def with_rd_controller(
 
     shift = _bisect(fitted_mean, target_fab, -span, span)
     with torch.no_grad():
-        new.controller.gbc.fc.weight.copy_(w.float())
-        new.controller.gbc.fc.bias.copy_((b - shift * bd).float())
+        model.controller.gbc.fc.weight.copy_(w.float())
+        model.controller.gbc.fc.bias.copy_((b - shift * bd).float())
     chosen = (logits - shift * bd).argmax(1)
+    rows = torch.arange(len(chosen))
     freq = torch.bincount(labels, minlength=len(bits)).double() / len(labels)
     stats = {
         "target_fab": float(target_fab),
-        "tiles": len(tiles),
+        "loss": loss,
+        "tiles": len(chosen),
+        "images": int(m.image.max()) + 1 if len(m.image) else 0,
         "lambda": lam,
         "label_bits": {int(k): round(float(f), 4) for k, f in zip(bits, freq, strict=True)},
         "label_fab": float(bd[labels].mean()),
         "fit_agreement": float((chosen == labels).double().mean()),
         "fit_fab": float(bd[chosen].mean()),
+        # the objective on the fit tiles: the labels' (best reachable) and the fitted choice's
+        "label_cost": float(cost[rows, labels].mean()),
+        "fit_cost": float(cost[rows, chosen].mean()),
         "bias_shift": shift,
         "l2": l2,
-        "mean_q": {int(k): float(v) for k, v in zip(bits, q.mean(0), strict=True)},
+        "mean_q": {int(k): float(v) for k, v in zip(bits, m.q.mean(0), strict=True)},
     }
     if not math.isfinite(stats["fit_fab"]):
-        raise ValueError("with_rd_controller: the fit did not converge")
+        raise ValueError("fit_rd_controller: the fit did not converge")
+    return stats
+
+
+def with_rd_controller(
+    model: GranularDQModel,
+    images: Iterable[Tensor | tuple[Tensor, Tensor]],
+    target_fab: float = 5.0,
+    *,
+    objective: str = "psnr",
+    loss: str = "cost",
+    l2: float = 1e-2,
+    batch: int = 8,
+) -> tuple[GranularDQModel, dict[str, Any]]:
+    """A copy of ``model`` whose bits come from a fitted rate–distortion controller.
+
+    :func:`rd_model` + :func:`measure_images` + :func:`fit_rd_controller`.
+
+    Args:
+        model: a trained :class:`GranularDQModel` (any gate; its weights and quantizers are
+            reused unchanged).
+        images: images to fit on (e.g. the training split; never the test split): LR
+            ``[3, H, W]`` in ``[0, rgb_range]``, or ``(lr, hr)`` pairs for ``objective="psnr"``.
+        target_fab: mean bits on the fit tiles (the FAB the controller aims at).
+        objective, loss, l2: see :func:`measure_images` and :func:`fit_rd_controller`.
+    Returns:
+        ``(new_model, stats)``: the model in eval mode (config: ``gate="learned"``,
+        ``gbc_bits`` = all candidates, E2B off) and the fit statistics.
+    """
+    new = rd_model(model)
+    m = measure_images(new, images, objective=objective, batch=batch)
+    stats = fit_rd_controller(new, m, target_fab, loss=loss, l2=l2)
+    stats["objective"] = objective
     return new, stats
