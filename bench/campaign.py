@@ -100,6 +100,14 @@ ROWS: dict[str, dict[str, Any]] = {
         "needs": "gdq_random",
         "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "cost"},
     },
+    # the same measurements, a classifier of the PSNR-cost labels instead of the expected cost
+    "gdq_rd_labels": {
+        "quant": {"method": "granular_dq"},
+        "seeds": True,
+        "lr": 2e-4,
+        "needs": "gdq",
+        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "labels", "l2": 1e-3},
+    },
     # the first fit tried: an HR-free classifier of the per-tile MSE labels (one seed)
     "gdq_rd_mse_labels": {
         "quant": {"method": "granular_dq"},
@@ -162,6 +170,7 @@ DIFFS = [
     ("GDQ rate-distortion - learned", "gdq_rd", "gdq"),
     ("GDQ rate-distortion - random gate", "gdq_rd", "gdq_random"),
     ("GDQ rate-distortion - fixed 8-bit", "gdq_rd", "gdq_w8"),
+    ("GDQ rate-distortion (labels) - learned", "gdq_rd_labels", "gdq"),
     ("GDQ random-gate weights + RD - learned", "gdq_random_rd", "gdq"),
     ("GDQ random-gate weights + RD - fixed 8-bit", "gdq_random_rd", "gdq_w8"),
     ("DDTB w4a4 integer - paper layout", "ddtb_w4a4_int", "ddtb_w4a4"),
@@ -504,6 +513,8 @@ class Campaign:
                 "fab": ev["photos"].get("fab"),
                 "gbitops": ev["photos"]["info"].get("gbitops"),
             }
+            if "fit" in header["meta"]:  # a refitted controller: how the fit went
+                record["fit"] = header["meta"]["fit"]
             self.write_result(name, record)
             p, b = ev["photos"]["psnr"], ev["bundled"]["psnr"]
             print(f"== {name}: photos {p:.3f} dB, bundled {b:.3f} dB", flush=True)
