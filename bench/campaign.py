@@ -108,6 +108,13 @@ ROWS: dict[str, dict[str, Any]] = {
         "needs": "gdq",
         "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "labels", "l2": 1e-3},
     },
+    "gdq_random_rd_labels": {
+        "quant": {"method": "granular_dq"},
+        "seeds": True,
+        "lr": 2e-4,
+        "needs": "gdq_random",
+        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "labels", "l2": 1e-3},
+    },
     # the first fit tried: an HR-free classifier of the per-tile MSE labels (one seed)
     "gdq_rd_mse_labels": {
         "quant": {"method": "granular_dq"},
@@ -171,6 +178,9 @@ DIFFS = [
     ("GDQ rate-distortion - random gate", "gdq_rd", "gdq_random"),
     ("GDQ rate-distortion - fixed 8-bit", "gdq_rd", "gdq_w8"),
     ("GDQ rate-distortion (labels) - learned", "gdq_rd_labels", "gdq"),
+    ("GDQ rate-distortion (labels) - random gate", "gdq_rd_labels", "gdq_random"),
+    ("GDQ random-gate weights + RD (labels) - learned", "gdq_random_rd_labels", "gdq"),
+    ("GDQ random-gate weights + RD (labels) - fixed 8-bit", "gdq_random_rd_labels", "gdq_w8"),
     ("GDQ random-gate weights + RD - learned", "gdq_random_rd", "gdq"),
     ("GDQ random-gate weights + RD - fixed 8-bit", "gdq_random_rd", "gdq_w8"),
     ("DDTB w4a4 integer - paper layout", "ddtb_w4a4_int", "ddtb_w4a4"),
