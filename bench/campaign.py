@@ -69,6 +69,19 @@ ROOT = Path(__file__).resolve().parents[1]
 #: row -> (quant section, multi-seed, learning rate). Recipes follow configs/edsr_baseline_x4_*.
 # four calibration batches: the official gate placement needs a variance across batches
 _KD = {"bound_lr": 0.01, "kd_weight": 1000.0, "calib_batches": 4}
+
+
+def _refit(needs: str, seeds: bool = True, **fit: Any) -> dict[str, Any]:
+    """A row that refits the controller of row ``needs`` at FAB 5 (``fit``: the fit's options)."""
+    return {
+        "quant": {"method": "granular_dq"},
+        "seeds": seeds,
+        "lr": 2e-4,
+        "needs": needs,
+        "fit": {"target_fab": 5.0, **fit},
+    }
+
+
 ROWS: dict[str, dict[str, Any]] = {
     "pams_w2a2": {"quant": {"method": "pams", "bits": 2, "recipe": _KD}, "seeds": True},
     "ddtb_w2a2": {"quant": {"method": "ddtb", "bits": 2, "recipe": _KD}, "seeds": True},
@@ -86,43 +99,14 @@ ROWS: dict[str, dict[str, Any]] = {
         "lr": 2e-4,
         "needs": "gdq",
     },
-    "gdq_rd": {
-        "quant": {"method": "granular_dq"},
-        "seeds": True,
-        "lr": 2e-4,
-        "needs": "gdq",
-        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "cost"},
-    },
-    "gdq_random_rd": {
-        "quant": {"method": "granular_dq"},
-        "seeds": True,
-        "lr": 2e-4,
-        "needs": "gdq_random",
-        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "cost"},
-    },
+    # controller refits of a trained Granular-DQ run (no training): see fit_controller
+    "gdq_rd": _refit("gdq", objective="psnr", loss="cost"),
+    "gdq_random_rd": _refit("gdq_random", objective="psnr", loss="cost"),
     # the same measurements, a classifier of the PSNR-cost labels instead of the expected cost
-    "gdq_rd_labels": {
-        "quant": {"method": "granular_dq"},
-        "seeds": True,
-        "lr": 2e-4,
-        "needs": "gdq",
-        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "labels", "l2": 1e-3},
-    },
-    "gdq_random_rd_labels": {
-        "quant": {"method": "granular_dq"},
-        "seeds": True,
-        "lr": 2e-4,
-        "needs": "gdq_random",
-        "fit": {"target_fab": 5.0, "objective": "psnr", "loss": "labels", "l2": 1e-3},
-    },
+    "gdq_rd_labels": _refit("gdq", objective="psnr", loss="labels", l2=1e-3),
+    "gdq_random_rd_labels": _refit("gdq_random", objective="psnr", loss="labels", l2=1e-3),
     # the first fit tried: an HR-free classifier of the per-tile MSE labels (one seed)
-    "gdq_rd_mse_labels": {
-        "quant": {"method": "granular_dq"},
-        "seeds": False,
-        "lr": 2e-4,
-        "needs": "gdq",
-        "fit": {"target_fab": 5.0, "objective": "mse", "loss": "labels"},
-    },
+    "gdq_rd_mse_labels": _refit("gdq", seeds=False, objective="mse", loss="labels"),
     "ddtb_w2a2_official": {
         "quant": {"method": "ddtb", "bits": 2, "compat": "official", "recipe": _KD},
         "seeds": True,

@@ -44,7 +44,8 @@ import torch
 from lowbitsr.evaluate import format_table
 from lowbitsr.metrics import rgb_to_y
 from lowbitsr.quant.gdq_layers import patch_entropy
-from lowbitsr.quant.granular_dq import gdq_super_resolve, gdq_tile_regions, gdq_tile_starts
+from lowbitsr.quant.granular_dq import gdq_super_resolve, gdq_tile_regions
+from lowbitsr.quant.granular_dq.rd import image_tiles
 
 
 @dataclass
@@ -91,19 +92,8 @@ def tile_errors(
 
     sse = np.array([per_tile((y - hr_y) ** 2) for y in ys]).T
     qerr = np.array([per_tile((y - ys[-1]) ** 2) for y in ys]).T
-    tiles = torch.stack([lr[0, :, y0:y1, x0:x1] for (y0, y1, x0, x1) in _tile_boxes(h, w, cfg)])
-    entropy = patch_entropy(tiles).numpy()
+    entropy = patch_entropy(image_tiles(lr[0], cfg.tile, cfg.tile_step)).numpy()
     return ImageTiles(sse, qerr, learned.flatten().numpy(), entropy, int(mask.sum()))
-
-
-def _tile_boxes(h: int, w: int, cfg: Any) -> list[tuple[int, int, int, int]]:
-    """The full LR tile boxes (the controller's input), row-major like the regions."""
-    th, tw = min(cfg.tile, h), min(cfg.tile, w)
-    ys, xs = (
-        gdq_tile_starts(h, cfg.tile, cfg.tile_step),
-        gdq_tile_starts(w, cfg.tile, cfg.tile_step),
-    )
-    return [(y, y + th, x, x + tw) for y in ys for x in xs]
 
 
 def greedy(

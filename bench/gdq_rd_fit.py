@@ -30,19 +30,12 @@ import torch
 from safetensors.torch import load_file
 
 from lowbitsr.evaluate import format_table
-from lowbitsr.quant.granular_dq.rd import calibrate_lambda, fit_linear
+from lowbitsr.quant.granular_dq.rd import calibrate_lambda, fab_shift, fit_linear
 
 
 def _shifted(logits: torch.Tensor, bits: torch.Tensor, target: float) -> torch.Tensor:
     """Choices ``argmax(logits - d * bits)`` with the smallest ``d`` meeting the target."""
-    lo, hi = -1e4, 1e4
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if float(bits[(logits - mid * bits).argmax(1)].mean()) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return (logits - hi * bits).argmax(1)
+    return (logits - fab_shift(logits, bits, target) * bits).argmax(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,10 +142,10 @@ def measure_images(
         lr, hr = item if isinstance(item, tuple) else (item, None)
         if objective == "psnr" and hr is None:
             raise ValueError("objective='psnr' needs (lr, hr) pairs")
-        tiles = image_tiles(lr, cfg.tile, cfg.tile_step)
+        boxes = tile_boxes(lr.shape[1], lr.shape[2], cfg.tile, cfg.tile_step)
+        tiles = torch.stack([lr[:, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
         hr_tiles = None
         if objective == "psnr":
-            boxes = tile_boxes(lr.shape[1], lr.shape[2], cfg.tile, cfg.tile_step)
             hr_tiles = torch.stack(
                 [
                     hr[:, y0 * scale : y1 * scale, x0 * scale : x1 * scale]
@@ -180,6 +180,18 @@ def _bisect(mean_bits: Any, target: float, lo: float, hi: float, steps: int = 60
         else:
             lo = mid
     return hi
+
+
+def fab_shift(logits: Tensor, bits: Tensor, target_fab: float) -> float:
+    """The smallest ``d`` with mean bits of ``argmax_k logits[:, k] - d * bits[k]`` at most
+    ``target_fab`` (``logits`` ``[T, K]``, ``bits`` ``[K]``): a bias along the bits."""
+    bd = bits.double()
+    span = float(logits.abs().max()) + 1.0
+
+    def mean_bits(shift: float) -> float:
+        return float(bd[(logits - shift * bd).argmax(1)].mean())
+
+    return _bisect(mean_bits, target_fab, -span, span)
 
 
 def calibrate_lambda(q: Tensor, bits: Tensor, target_fab: float) -> float:
@@ -299,13 +311,8 @@ def fit_rd_controller(
     target = labels if loss == "labels" else total
     w, b = fit_linear(m.s, target, loss=loss, l2=l2)
     logits = m.s.double() @ w.T + b
-    span = float(logits.abs().max()) + 1.0
     bd = bits.double()
-
-    def fitted_mean(shift: float) -> float:
-        return float(bd[(logits - shift * bd).argmax(1)].mean())
-
-    shift = _bisect(fitted_mean, target_fab, -span, span)
+    shift = fab_shift(logits, bd, target_fab)
     with torch.no_grad():
         model.controller.gbc.fc.weight.copy_(w.float())
         model.controller.gbc.fc.bias.copy_((b - shift * bd).float())
