@@ -18,12 +18,15 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   ``gdq_random_rd``: the same refit of the ``gdq_random`` model (weights trained under a random
   gate, which exercises every bit-width); both fit the expected PSNR cost (``objective: psnr``,
   ``loss: cost``); ``gdq_rd_mse_labels``: the first fit tried (a classifier of per-tile MSE
-  labels, no HR);
+  labels, no HR); ``gdq_rd_tile``, ``gdq_random_rd_tile``: the same classifier on the GBC
+  descriptor plus three statistics of the LR tile (``gbc_tile_stats``);
 * ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
   body and upsampler conv between static quantizers, so it exports to integer kernels);
   ``ddtb_w4a4_int_s8``, ``ddtb_w2a2_int_s8``: the same with an 8-bit residual stream
   (``stream_bits: 8``);
-  ``ddtb_w4a4_nogate``: the papers' layout without gates (the integer layout has none).
+  ``ddtb_w4a4_nogate``: the papers' layout without gates (the integer layout has none);
+* ``ddtb_w4a4_okd``, ``pams_w4a4_okd``: w4a4 with output distillation added to the papers' loss
+  (``output_kd_weight: 1``: ``+ L1(sr, teacher(lr))``; our addition, both methods).
 
 Every 2-bit row and the Granular-DQ learned/random pair run ``--seeds`` seeds (default 3), the
 others one. Each run is a normal training run (``runs/campaign/<row>_s<seed>``: resumable
@@ -69,6 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: row -> (quant section, multi-seed, learning rate). Recipes follow configs/edsr_baseline_x4_*.
 # four calibration batches: the official gate placement needs a variance across batches
 _KD = {"bound_lr": 0.01, "kd_weight": 1000.0, "calib_batches": 4}
+#: our addition to the papers' loss: L1 to the float teacher's output (``output_kd_weight``)
+_OKD = {**_KD, "output_kd_weight": 1.0}
 
 
 def _refit(needs: str, seeds: bool = True, **fit: Any) -> dict[str, Any]:
@@ -107,6 +112,12 @@ ROWS: dict[str, dict[str, Any]] = {
     "gdq_random_rd_labels": _refit("gdq_random", objective="psnr", loss="labels", l2=1e-3),
     # the first fit tried: an HR-free classifier of the per-tile MSE labels (one seed)
     "gdq_rd_mse_labels": _refit("gdq", seeds=False, objective="mse", loss="labels"),
+    # the GBC also reads the tiles' un-normalised statistics (gbc_tile_stats); objective, loss
+    # and l2 chosen by leave-one-image-out on the training tiles (bench/gdq_rd_fit.py --cv)
+    "gdq_rd_tile": _refit("gdq", objective="mse", loss="labels", l2=1e-2, tile_stats=True),
+    "gdq_random_rd_tile": _refit(
+        "gdq_random", objective="mse", loss="labels", l2=1e-2, tile_stats=True
+    ),
     "ddtb_w2a2_official": {
         "quant": {"method": "ddtb", "bits": 2, "compat": "official", "recipe": _KD},
         "seeds": True,
@@ -148,15 +159,22 @@ ROWS: dict[str, dict[str, Any]] = {
         "quant": {"method": "ddtb", "bits": 2, "layout": "integer", "recipe": _KD},
         "seeds": False,
     },
+    # output distillation (our addition; both methods get it, same budget)
+    "ddtb_w4a4_okd": {"quant": {"method": "ddtb", "bits": 4, "recipe": _OKD}, "seeds": True},
+    "pams_w4a4_okd": {"quant": {"method": "pams", "bits": 4, "recipe": _OKD}, "seeds": False},
 }
 
 #: paired differences printed by ``table``: (label, row A, row B)
 DIFFS = [
     ("DDTB w2a2 - PAMS w2a2", "ddtb_w2a2", "pams_w2a2"),
     ("DDTB w4a4 - PAMS w4a4", "ddtb_w4a4", "pams_w4a4"),
+    ("DDTB w4a4 output distillation - papers' loss", "ddtb_w4a4_okd", "ddtb_w4a4"),
+    ("PAMS w4a4 output distillation - papers' loss", "pams_w4a4_okd", "pams_w4a4"),
     ("DDTB w2a2 default - official", "ddtb_w2a2", "ddtb_w2a2_official"),
     ("DDTB w2a2 gates - no gates", "ddtb_w2a2", "ddtb_w2a2_nogate"),
     ("GDQ learned - random gate", "gdq", "gdq_random"),
+    ("GDQ RD controller with tile statistics - random gate", "gdq_random_rd_tile", "gdq_random"),
+    ("GDQ RD controller with tile statistics - learned gate", "gdq_rd_tile", "gdq"),
     ("GDQ - fixed 8-bit", "gdq", "gdq_w8"),
     ("GDQ rate-distortion - learned", "gdq_rd", "gdq"),
     ("GDQ rate-distortion - random gate", "gdq_rd", "gdq_random"),
@@ -306,42 +324,55 @@ class Campaign:
     def fit_controller(self, row: str, seed: int, run_dir: Path) -> None:
         """``gdq_rd``: refit the controller of the ``gdq`` run of this seed on the train split.
 
-        The tile measurements are kept beside the source model
-        (``rd_tiles_<objective>.safetensors``), so rows that differ only in the fit reuse them.
+        The tile measurements are kept beside the source model (``rd_tiles_psnr.safetensors``:
+        quantization errors, HR weights, GBC descriptors), so rows that differ only in the fit
+        reuse them; ``tile_stats`` rows append each tile's statistics to the descriptors.
         """
         from safetensors.torch import load_file, save_file
 
         from lowbitsr.checkpoint import load_model, save_model
         from lowbitsr.data import build_dataset
+        from lowbitsr.quant.gdq_layers import tile_statistics
         from lowbitsr.quant.granular_dq import (
             TileMeasurements,
             fit_rd_controller,
             measure_images,
             rd_model,
         )
+        from lowbitsr.quant.granular_dq.rd import image_tiles
 
         fit = dict(ROWS[row]["fit"])
         objective = fit.pop("objective", "psnr")
+        tile_stats = bool(fit.pop("tile_stats", False))
         src_dir = self.runs / f"{ROWS[row]['needs']}_s{seed}"
         src = load_model(src_dir / "model").eval()
-        new = rd_model(src)
-        cache = src_dir / f"rd_tiles_{objective}.safetensors"
+        new = rd_model(src, tile_stats)
+        spec = {k: v for k, v in self.teacher_config().data.train.items() if k in ("type", "root")}
+        ds = build_dataset(spec, src.model_config["scale"], "eval")
+        k = src.rgb_range / 255.0
         t0 = time.time()
+        # Measured once per source run, with HR weights: the quantization errors do not depend
+        # on the objective (MSE: weight 1) and the tile statistics are appended from the images.
+        cache = src_dir / "rd_tiles_psnr.safetensors"
+        if not cache.is_file() and objective == "mse":
+            cache = src_dir / "rd_tiles_mse.safetensors"  # an HR-free measurement, if kept
         if cache.is_file():
             m = TileMeasurements(**load_file(str(cache)))
         else:
-            spec = {
-                k: v for k, v in self.teacher_config().data.train.items() if k in ("type", "root")
-            }
-            ds = build_dataset(spec, src.model_config["scale"], "eval")
-            k = src.rgb_range / 255.0
+            cache = src_dir / "rd_tiles_psnr.safetensors"
             print(f"== {row}_s{seed}: measuring {src_dir.name} on {len(ds)} images", flush=True)
-            items = (
-                (ds[i]["lr"] * k, ds[i]["hr"] * k) if objective == "psnr" else ds[i]["lr"] * k
-                for i in range(len(ds))
-            )
-            m = measure_images(new, items, objective=objective)
+            items = ((ds[i]["lr"] * k, ds[i]["hr"] * k) for i in range(len(ds)))
+            m = measure_images(rd_model(src), items, objective="psnr")
             save_file(m.to_tensors(), str(cache))
+        if objective == "mse":
+            m.weight = torch.ones_like(m.weight)
+        if tile_stats:  # each tile's statistics, in the order the tiles were measured
+            grid = (src.config.tile, src.config.tile_step)
+            extra = [
+                tile_statistics(image_tiles(ds[i]["lr"] * k, *grid), src.rgb_range)
+                for i in range(len(ds))
+            ]
+            m.s = torch.cat([m.s, torch.cat(extra)], 1)
         stats = {**fit_rd_controller(new, m, **fit), "objective": objective}
         meta = json.loads((src_dir / "model.json").read_text())["meta"]
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,13 @@ what allocation can win at this FAB that the controller wins.
 
     python bench/gdq_allocation.py runs/campaign/gdq_s0 --data folder:data/photos/test
     python bench/gdq_allocation.py edsr_baseline_x4_gdq --data bundled:test --json out.json
+
+``--summary A.json B.json ...`` (records of several seeds of one row, e.g. ``gdq_s0``..``gdq_s2``)
+prints each allocation's paired difference from ``shuffled`` (the random gate at the learned
+frequencies on the same weights) with a 95 % t-interval over seeds (each seed's mean over images)
+and over (seed, image) pairs, and a one-sided sign test over the pairs whose bits differ::
+
+    python bench/gdq_allocation.py --summary results/gdq_allocation/gdq_s{0,1,2}.json
 """
 
 from __future__ import annotations
@@ -185,7 +192,100 @@ def pooled(images: list[ImageTiles], candidates: list[int]) -> dict[str, list[di
     }
 
 
+def _interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95 % t-interval; nan for fewer than 2 values)."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()) if len(v) else float("nan"), float("nan")
+    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def summarize(records: list[dict[str, Any]], base: str = "shuffled") -> list[dict[str, Any]]:
+    """Paired differences ``policy - base`` over the records (seeds) of :func:`main`.
+
+    Per policy: the mean and 95 % half-width over seeds and over (seed, image) pairs, and for
+    the pairs where the two differ by more than 1e-9 dB how many favour the policy, with the
+    one-sided sign-test p-value (binomial, 1/2).
+    """
+    from scipy.stats import binomtest
+
+    policies = [k for k in records[0]["mean_psnr"] if k != base]
+    out = []
+    for k in policies:
+        seeds = [r["mean_psnr"][k] - r["mean_psnr"][base] for r in records]
+        pairs = [im[k]["psnr"] - im[base]["psnr"] for r in records for im in r["per_image"]]
+        moved = [d for d in pairs if abs(d) > 1e-9]
+        wins = sum(d > 0 for d in moved)
+        m_s, h_s = _interval(seeds)
+        m_p, h_p = _interval(pairs)
+        out.append(
+            {
+                "difference": f"{k} - {base}",
+                "mean": m_s,
+                "ci95_seed": h_s,
+                "n_seeds": len(seeds),
+                "mean_pairs": m_p,
+                "ci95_pairs": h_p,
+                "n_pairs": len(pairs),
+                "wins": wins,
+                "moved": len(moved),
+                "sign_p": binomtest(wins, len(moved), 0.5, "greater").pvalue if moved else None,
+                "fab": float(np.mean([r["mean_fab"][k] for r in records])),
+            }
+        )
+    return out
+
+
+def _summary_main(paths: list[str], json_out: str | None) -> int:
+    try:
+        records = [json.loads(Path(p).read_text()) for p in paths]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p, r in zip(paths, records, strict=True):
+        if not isinstance(r, dict) or "per_image" not in r or "shuffled" not in r["mean_psnr"]:
+            print(
+                f"error: {p}: not a gdq_allocation record (no per_image/shuffled)", file=sys.stderr
+            )
+            return 2
+    rows = summarize(records)
+    if json_out:
+        Path(json_out).write_text(
+            json.dumps({"models": [r["model"] for r in records], "rows": rows}, indent=1)
+        )
+    print(json.dumps(rows))
+
+    def f(m: float, h: float) -> str:
+        return f"{m:+.3f}" + ("" if math.isnan(h) else f" ± {h:.3f}")
+
+    table = [
+        {
+            "difference (dB)": r["difference"],
+            "seeds": f(r["mean"], r["ci95_seed"]),
+            "n": str(r["n_seeds"]),
+            "seed x image": f(r["mean_pairs"], r["ci95_pairs"]),
+            "pairs": str(r["n_pairs"]),
+            "ahead/moved": f"{r['wins']}/{r['moved']}",
+            "sign p": "-" if r["sign_p"] is None else f"{r['sign_p']:.3g}",
+            "FAB": f"{r['fab']:.2f}",
+        }
+        for r in rows
+    ]
+    print(format_table(table))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--summary":
+        q = argparse.ArgumentParser(description="paired differences over allocation records")
+        q.add_argument("--summary", nargs="+", required=True, metavar="JSON")
+        q.add_argument("--json", default=None, help="also write the summary JSON here")
+        a = q.parse_args(argv)
+        return _summary_main(a.summary, a.json)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="Granular-DQ model: run folder, saved model or pretrained name")
     p.add_argument(

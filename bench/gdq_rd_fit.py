@@ -15,7 +15,14 @@ mean cost (``weight * q_b``; ``--objective mse``: weight 1) of:
 A linear rule that cannot beat the best constant even on the tiles it was fitted to says the
 descriptor does not carry what decides where bits pay.
 
+``--features``: what the linear rules see: ``gbc`` (the descriptor ``S``), ``tile``
+(:func:`~lowbitsr.quant.granular_dq.rd.tile_statistics`, un-normalised LR statistics recomputed
+from ``--data``, the split the tiles were measured on, with the run's tile grid) or ``both``.
+``--cv``: score each image's tiles with rules fitted on the *other* images (leave one image out;
+the shift to the target FAB is set once on all held-out logits), i.e. how a rule generalises.
+
     python bench/gdq_rd_fit.py runs/campaign/gdq_s0 --objective mse
+    python bench/gdq_rd_fit.py runs/campaign/gdq_random_s0 --objective psnr --features both --cv
 """
 
 from __future__ import annotations
@@ -30,12 +37,37 @@ import torch
 from safetensors.torch import load_file
 
 from lowbitsr.evaluate import format_table
-from lowbitsr.quant.granular_dq.rd import calibrate_lambda, fab_shift, fit_linear
+from lowbitsr.quant.granular_dq.rd import (
+    calibrate_lambda,
+    fab_shift,
+    fit_linear,
+    image_tiles,
+    tile_statistics,
+)
 
 
 def _shifted(logits: torch.Tensor, bits: torch.Tensor, target: float) -> torch.Tensor:
     """Choices ``argmax(logits - d * bits)`` with the smallest ``d`` meeting the target."""
     return (logits - fab_shift(logits, bits, target) * bits).argmax(1)
+
+
+def tile_features(run: Path, data: str) -> torch.Tensor:
+    """:func:`tile_statistics` of every tile of ``data`` on the run's inference tile grid, in the
+    order :func:`~lowbitsr.quant.granular_dq.rd.measure_images` measured them."""
+    from lowbitsr.checkpoint import load_model
+    from lowbitsr.data import build_dataset
+    from lowbitsr.specs import parse_dataset_spec
+
+    model = load_model(run / "model" if (run / "model").is_dir() else run)
+    cfg = model.config
+    ds = build_dataset(parse_dataset_spec(data), int(model.scale), "eval")
+    k = model.rgb_range / 255.0
+    return torch.cat(
+        [
+            tile_statistics(image_tiles(ds[i]["lr"] * k, cfg.tile, cfg.tile_step), model.rgb_range)
+            for i in range(len(ds))
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", choices=("mse", "psnr"), default="mse")
     p.add_argument("--target-fab", type=float, default=5.0)
     p.add_argument("--candidates", default="4,5,6,8", help="bit-widths of the q columns")
+    p.add_argument("--features", choices=("gbc", "tile", "both"), default="gbc")
+    p.add_argument("--data", default="folder:data/photos/train", help="the split measured")
+    p.add_argument("--cv", action="store_true", help="leave one image out")
     args = p.parse_args(argv)
     found = sorted(args.run.glob("rd_tiles_*.safetensors"))
     name = args.run / f"rd_tiles_{args.objective}.safetensors"
@@ -75,13 +110,45 @@ def main(argv: list[str] | None = None) -> int:
     for k, b in enumerate(bits_i.tolist()):
         if b <= args.target_fab:
             out[f"constant {b}"] = summary(torch.full((len(cost),), k))
+    feats = [m["s"]] if args.features != "tile" else []
+    if args.features != "gbc":
+        from lowbitsr.errors import LowbitsrError
+
+        try:
+            extra = tile_features(args.run, args.data)
+        except (LowbitsrError, OSError) as exc:
+            print(f"error: {args.run}: cannot compute tile statistics: {exc}", file=sys.stderr)
+            return 2
+        if len(extra) != len(cost):
+            print(
+                f"error: {args.data}: {len(extra)} tiles, the measurements have {len(cost)}; "
+                "pass the split they were measured on",
+                file=sys.stderr,
+            )
+            return 2
+        feats.append(extra)
+    x = torch.cat([f.double() for f in feats], 1)
+    image = m["image"]
+    folds = [image == i for i in image.unique()] if args.cv else [None]
     for loss in ("cost", "labels"):
         for l2 in (1e-3, 1e-2, 1e-1):
-            target = total if loss == "cost" else total.argmin(1)
-            wt, bs = fit_linear(m["s"], target, loss=loss, l2=l2)
-            logits = m["s"].double() @ wt.T + bs
+            logits = torch.zeros(len(cost), len(bits), dtype=torch.float64)
+            for held in folds:
+                fit = ~held if held is not None else torch.ones(len(cost), dtype=torch.bool)
+                use = held if held is not None else fit
+                sub = cost[fit] + calibrate_lambda(cost[fit], bits_i, args.target_fab) * bits
+                target = sub if loss == "cost" else sub.argmin(1)
+                wt, bs = fit_linear(x[fit], target, loss=loss, l2=l2, classes=len(bits))
+                logits[use] = x[use] @ wt.T + bs
             out[f"linear {loss} l2={l2:g}"] = summary(_shifted(logits, bits, args.target_fab))
-    record = {"source": str(path), "objective": args.objective, "tiles": len(cost), "rules": out}
+    record = {
+        "source": str(path),
+        "objective": args.objective,
+        "features": args.features,
+        "cv": "leave one image out" if args.cv else None,
+        "tiles": len(cost),
+        "rules": out,
+    }
     print(json.dumps(record))
     table = [
         {

@@ -17,6 +17,12 @@ can lose (the others were trained around it). PSNR: Y channel, ``scale`` border,
 
     python bench/quant_ablation.py runs/campaign/ddtb_w4a4_s0 --json out/ablation.json
     python bench/quant_ablation.py edsr_baseline_x4_ddtb_w2a2 --data bundled:test --per-block
+
+``--ptq BITS`` instead quantizes the given *float* model (``--method ddtb`` or ``pams``, no
+gates) and calibrates it on ``--calib-batches`` random batches of LR patches from ``--calib``
+(the training split), with no training: what the quantizers cost before QAT::
+
+    python bench/quant_ablation.py runs/photos_edsr_baseline_x4_fp --ptq 4 --json ptq.json
 """
 
 from __future__ import annotations
@@ -61,6 +67,31 @@ def groups(model: nn.Module, per_block: bool) -> dict[str, list[nn.Module]]:
     return out
 
 
+def post_training(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``model`` (float) quantized at ``args.ptq`` bits and calibrated, never trained."""
+    from torch.utils.data import DataLoader
+
+    from lowbitsr.data import build_dataset
+    from lowbitsr.errors import LowbitsrError
+    from lowbitsr.quant import calibrate, quantize
+    from lowbitsr.quant.apply import config_from_dict
+    from lowbitsr.specs import parse_dataset_spec
+
+    if quantizers(model):
+        raise LowbitsrError(f"{args.model}: --ptq takes a float model, this one is quantized")
+    cfg: dict[str, Any] = {"method": args.method, "bits": args.ptq}
+    if args.method == "ddtb":
+        cfg.update(dynamic_ratio=0.0, calib_percentile=args.percentile)
+    q = quantize(model, config_from_dict(cfg))
+    spec = {**parse_dataset_spec(args.calib), "lr_patch": 32, "repeat": 1}
+    ds = build_dataset(spec, int(model.model_config["scale"]), "train")
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(ds, batch_size=16, shuffle=True, generator=gen)
+    batches = [b["lr"] for _, b in zip(range(args.calib_batches), loader, strict=False)]
+    calibrate(q, batches)
+    return q
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="DDTB/PAMS model: run folder, saved model or pretrained name")
@@ -68,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-block", action="store_true", help="also switch off one block at a time")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the JSON record here")
+    p.add_argument("--ptq", type=int, default=None, metavar="BITS", help="quantize a float model")
+    p.add_argument("--method", default="ddtb", choices=["ddtb", "pams"], help="with --ptq")
+    p.add_argument("--percentile", type=float, default=None, help="DDTB bound init (--ptq)")
+    p.add_argument("--calib", default="folder:data/photos/train", help="--ptq calibration data")
+    p.add_argument("--calib-batches", type=int, default=4, help="--ptq: batches of 16 patches")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, _ = load_any_model(args.model)
+        if args.ptq is not None:
+            model = post_training(model, args)
         if not quantizers(model):
             raise LowbitsrError(f"{args.model}: no DDTB/PAMS activation quantizers in this model")
         scale = int(model.model_config["scale"])
@@ -101,7 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             _switch(mods, True)
         print(f"{name}: {table[name]['psnr']:.3f}", file=sys.stderr)
-    record = {"model": args.model, "data": args.data, "psnr": table}
+    record: dict[str, Any] = {"model": args.model, "data": args.data, "psnr": table}
+    if args.ptq is not None:
+        record["ptq"] = {
+            "bits": args.ptq,
+            "method": args.method,
+            "percentile": args.percentile,
+            "calib": args.calib,
+            "calib_batches": args.calib_batches,
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 import torch
 
 from lowbitsr.models import create_model
@@ -111,3 +114,75 @@ def test_ablation_groups_cover_every_quantizer_and_switch_back() -> None:
         off = q(lr)
         ablation._switch(g["all off"], True)
         assert torch.equal(q(lr), ref) and not torch.equal(off, ref)
+
+
+def _record(model: str, deltas: list[float]) -> dict:
+    """An allocation record whose 'learned' is 'shuffled' + deltas per image (dB)."""
+    per = []
+    for i, d in enumerate(deltas):
+        base = 30.0 + i
+        per.append(
+            {
+                "image": f"im{i}",
+                "learned": {"psnr": base + d, "fab": 5.0},
+                "shuffled": {"psnr": base, "fab": 5.0},
+            }
+        )
+    mean = {k: float(np.mean([p[k]["psnr"] for p in per])) for k in ("learned", "shuffled")}
+    return {
+        "model": model,
+        "mean_psnr": mean,
+        "mean_fab": {"learned": 5.0, "shuffled": 5.0},
+        "per_image": per,
+    }
+
+
+def test_allocation_summary_pairs_seeds_and_images(tmp_path: Path, capsys) -> None:
+    recs = [_record("a", [0.1, 0.0, 0.2]), _record("b", [0.3, 0.0, 0.1])]
+    (row,) = alloc.summarize(recs)
+    assert row["difference"] == "learned - shuffled"
+    assert row["n_seeds"] == 2 and row["n_pairs"] == 6
+    assert row["mean"] == pytest.approx(0.7 / 6) and row["mean_pairs"] == pytest.approx(0.7 / 6)
+    assert row["moved"] == 4 and row["wins"] == 4  # the zero pairs do not count
+    assert row["sign_p"] == pytest.approx(1 / 16)
+    paths = []
+    for i, r in enumerate(recs):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert alloc.main(["--summary", *map(str, paths)]) == 0
+    assert "learned - shuffled" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert alloc.main(["--summary", str(bad)]) == 2
+    assert "not a gdq_allocation record" in capsys.readouterr().err
+
+
+def test_ablation_ptq_quantizes_and_calibrates_a_float_model(tmp_path: Path) -> None:
+    from lowbitsr.checkpoint import save_model
+
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=2, n_feats=8)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(g.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    args = argparse.Namespace(
+        model="fp",
+        ptq=4,
+        method="ddtb",
+        percentile=99.0,
+        calib=f"folder:{folder}",
+        calib_batches=1,
+    )
+    save_model(fp, tmp_path / "fp")
+    q = ablation.post_training(fp, args)
+    bounds = [(float(m.lower.detach()), float(m.upper.detach())) for _, m in quantizers(q)]
+    assert len(bounds) == 6 and all(lo < hi for lo, hi in bounds)  # calibrated, not the ±10 init
+    assert all(hi != 10.0 for _, hi in bounds)
+    from lowbitsr.errors import LowbitsrError
+
+    with pytest.raises(LowbitsrError, match="float model"):
+        ablation.post_training(q, args)

@@ -138,3 +138,51 @@ def test_psnr_objective_weighs_tiles_by_their_image() -> None:
         measure_images(new, lrs, objective="psnr")
     with pytest.raises(ValueError, match="rd_model"):
         fit_rd_controller(src, m, 5.0)
+
+
+def test_tile_statistics_keep_smoothness_and_brightness() -> None:
+    from lowbitsr.quant.gdq_layers import tile_statistics
+
+    flat = torch.full((1, 3, 8, 8), 100.0)
+    ramp = torch.arange(8.0).repeat(8, 1).expand(1, 3, 8, 8) * 10  # +10 per column
+    st = tile_statistics(torch.cat([flat, ramp]))
+    assert st.shape == (2, 3)
+    assert st[0, 0].item() == pytest.approx(torch.tensor(1e-3).log().item())  # no texture
+    # luma gradient of a grey ramp: 10 * (65.481 + 128.553 + 24.966) / 255 per column
+    assert st[1, 1].exp().item() == pytest.approx(10 * 219.0 / 255.0, rel=1e-4)
+    assert st[0, 2].item() == pytest.approx((16 + 100 * 219.0 / 255.0) / 255.0, rel=1e-5)
+    # the range of the input does not matter
+    torch.testing.assert_close(tile_statistics(ramp / 255.0, rgb_range=1.0), st[1:])
+
+
+def test_rd_controller_with_tile_statistics(tmp_path: Path) -> None:
+    src = _model()
+    images = _images(3, 2)
+    new, stats = with_rd_controller(
+        src, images, target_fab=5.0, objective="mse", loss="labels", tile_stats=True
+    )
+    assert new.config.gbc_tile_stats and new.controller.gbc.fc.in_features == 48 + 3
+    tiles = torch.cat([image_tiles(im, 16, 12) for im in images])
+    assert new.decide_bits(tiles).double().mean().item() == pytest.approx(stats["fit_fab"])
+    s, _, _ = measure_tiles(new, tiles)
+    assert s.shape == (len(tiles), 51)
+    # the statistics matter: a brighter, smoother copy of the same tiles can be decided apart
+    w = new.controller.gbc.fc.weight[:, -3:]
+    assert w.abs().sum() > 0
+    save_model(new, tmp_path / "rd")
+    back = load_model(tmp_path / "rd")
+    assert back.config.gbc_tile_stats
+    assert torch.equal(back.decide_bits(tiles), new.decide_bits(tiles))
+    # measurements of the plain GBC do not fit a GBC that reads the statistics
+    plain = measure_images(rd_model(src), images, objective="mse")
+    with pytest.raises(ValueError, match="inputs per tile"):
+        fit_rd_controller(new, plain, 5.0)
+
+
+def test_tile_statistics_config_is_checked() -> None:
+    from lowbitsr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gbc_tile_stats"):
+        GranularDQConfig(gbc_tile_stats="yes")
+    with pytest.raises(ConfigError, match="gbc_tile_stats"):
+        GranularDQConfig(gbc_tile_stats=True, compat="official")

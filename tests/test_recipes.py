@@ -138,3 +138,34 @@ def test_model_init_accepts_a_run_folder(tmp_path):
     built = build_model(cfg)
     for a, b in zip(model.state_dict().values(), built.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_output_distillation_term(image_folder, tmp_path, fp_init):
+    from lowbitsr.checkpoint import load_model as load
+    from lowbitsr.quant.recipes import QATRecipe
+
+    cfg = qat_cfg(image_folder, tmp_path, fp_init, extra=["quant.recipe.output_kd_weight=0.5"])
+    recipe = QATRecipe(cfg)
+    torch.manual_seed(0)
+    lr = torch.rand(4, 3, 8, 8) * 255
+    hr = torch.rand(4, 3, 16, 16) * 255
+    student = recipe.prepare(load(fp_init), iter([{"lr": lr}]))
+    loss, logs = recipe.loss(student, {"lr": lr, "hr": hr}, step=10)  # after the gate stage
+    with torch.no_grad():
+        sr = student(lr)
+        sr_t = recipe.teacher(lr)
+    okd = torch.nn.functional.l1_loss(sr, sr_t)
+    assert okd > 0  # the 2-bit student differs from its float teacher
+    assert logs["okd"] == pytest.approx(float(okd), rel=1e-5)
+    want = logs["l1"] + 1000.0 * logs["kd"] + 0.5 * logs["okd"]
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    # off by default: the papers' loss, no teacher output computed
+    plain = QATRecipe(qat_cfg(image_folder, tmp_path, fp_init, name="plain"))
+    student = plain.prepare(load(fp_init), iter([{"lr": lr}]))
+    assert "okd" not in plain.loss(student, {"lr": lr, "hr": hr}, step=10)[1]
+
+
+def test_recipe_weights_must_be_non_negative(image_folder, tmp_path, fp_init):
+    cfg = qat_cfg(image_folder, tmp_path, fp_init, extra=["quant.recipe.output_kd_weight=-1"])
+    with pytest.raises(ConfigError, match=r"quant\.recipe\.output_kd_weight"):
+        train(cfg, progress=False)

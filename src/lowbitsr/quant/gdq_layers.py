@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..metrics import rgb_to_y
 from .gdq_quantizers import BitContext, GDQActQuantizer, GDQConv2d, hard_gumbel_softmax
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "interp_quantile_curve",
     "patch_entropy",
     "quantile_curve_cdf",
+    "tile_statistics",
 ]
 
 #: Number of histogram bins, kernel width and epsilon of the E2B entropy (docs/methods.md §2.2).
@@ -76,15 +78,22 @@ class GranularityBitController(nn.Module):
     official mode the descriptors are concatenated coarse, fine, medium (the released layout of
     the linear weight) and, without GroupNorm, all three are the mean head feature.
 
+    With ``extra`` > 0 the linear layer reads ``cat(S, x)``, ``x`` ``[N, extra]`` given to
+    :meth:`forward` (the tile statistics of ``gbc_tile_stats``).
+
     Args:
         channels: C, the head's output channels (divisible by 8 unless official).
         num_bits: K, number of GBC candidate bit-widths.
         official: no GroupNorm, released concatenation order.
+        extra: number of extra inputs of the linear layer (0: the paper's GBC).
     """
 
-    def __init__(self, channels: int, num_bits: int, official: bool = False) -> None:
+    def __init__(
+        self, channels: int, num_bits: int, official: bool = False, extra: int = 0
+    ) -> None:
         super().__init__()
         self.official = bool(official)
+        self.extra = int(extra)
         if not official and channels % 8:
             raise ValueError(
                 f"GBC: GroupNorm(8, C) needs C divisible by 8, got C={channels}; build the model "
@@ -93,7 +102,7 @@ class GranularityBitController(nn.Module):
         self.norms = (
             None if official else nn.ModuleList(nn.GroupNorm(8, channels) for _ in range(3))
         )
-        self.fc = nn.Linear(3 * channels, num_bits)
+        self.fc = nn.Linear(3 * channels + self.extra, num_bits)
 
     def descriptor(self, z1: Tensor) -> Tensor:
         """``[N, C, H, W]`` head features -> ``[N, 3C]`` multi-granularity descriptor ``S``."""
@@ -108,9 +117,43 @@ class GranularityBitController(nn.Module):
             pooled = [pooled[2], pooled[0], pooled[1]]
         return torch.cat(pooled, dim=1)
 
-    def forward(self, z1: Tensor) -> Tensor:
-        """``[N, C, H, W]`` -> ``[N, K]`` logits."""
-        return self.fc(self.descriptor(z1))
+    def inputs(self, z1: Tensor, extra: Tensor | None = None) -> Tensor:
+        """What the linear layer reads: ``S`` ``[N, 3C]``, or ``cat(S, extra)`` ``[N, 3C+E]``."""
+        s = self.descriptor(z1)
+        if self.extra:
+            if extra is None or extra.shape != (s.shape[0], self.extra):
+                got = None if extra is None else tuple(extra.shape)
+                raise ValueError(
+                    f"GBC: expected extra inputs [{s.shape[0]}, {self.extra}], got {got}"
+                )
+            s = torch.cat([s, extra.to(s.dtype)], dim=1)
+        return s
+
+    def forward(self, z1: Tensor, extra: Tensor | None = None) -> Tensor:
+        """``[N, C, H, W]`` (and ``[N, extra]``) -> ``[N, K]`` logits."""
+        return self.fc(self.inputs(z1, extra))
+
+
+def tile_statistics(lr: Tensor, rgb_range: float = 255.0) -> Tensor:
+    """Scale-aware statistics of LR patches ``[N, 3, h, w]`` (``[0, rgb_range]``) -> ``[N, 3]``.
+
+    On the Y channel (:func:`lowbitsr.metrics.rgb_to_y`, 0–255 scale): ``log`` standard
+    deviation, ``log`` mean absolute gradient (horizontal + vertical), both clamped at 1e-3
+    before the log, and mean / 255. Unlike the GBC's GroupNorm'ed descriptor they keep how
+    smooth and how bright a patch is.
+    """
+    y = rgb_to_y(lr * (255.0 / rgb_range))
+    grad = (y[..., :, 1:] - y[..., :, :-1]).abs().mean(dim=(1, 2, 3)) + (
+        y[..., 1:, :] - y[..., :-1, :]
+    ).abs().mean(dim=(1, 2, 3))
+    return torch.stack(
+        [
+            y.std(dim=(1, 2, 3)).clamp_min(1e-3).log(),
+            grad.clamp_min(1e-3).log(),
+            y.mean(dim=(1, 2, 3)) / 255.0,
+        ],
+        1,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,9 +493,11 @@ class GranularBitController(nn.Module):
         random_probs: Sequence[float] | None = None,
         e2b: EntropyToBit | None = None,
         official: bool = False,
+        tile_stats: bool = False,
     ) -> None:
         super().__init__()
         cands = tuple(int(b) for b in candidates)
+        self.tile_stats = bool(tile_stats)
         self.candidates = cands
         self.gbc_bits = tuple(int(b) for b in gbc_bits)
         self.e2b_bits = tuple(int(b) for b in e2b_bits)
@@ -473,7 +518,9 @@ class GranularBitController(nn.Module):
         probs = torch.full((k,), 1.0 / k) if random_probs is None else torch.tensor(random_probs)
         self.register_buffer("probs", probs.float(), persistent=False)
         self.gbc = (
-            GranularityBitController(channels, len(self.gbc_bits), official)
+            GranularityBitController(
+                channels, len(self.gbc_bits), official, extra=3 if self.tile_stats else 0
+            )
             if gate == "learned"
             else None
         )
@@ -505,6 +552,14 @@ class GranularBitController(nn.Module):
     def _one_hot(self, cols: Tensor, like: Tensor) -> Tensor:
         return F.one_hot(cols, len(self.candidates)).to(like.dtype)
 
+    def extra_inputs(self, ctx: BitContext) -> Tensor | None:
+        """The GBC's extra inputs for the patches in ``ctx.lr`` (None without tile stats)."""
+        if not self.tile_stats:
+            return None
+        if ctx.lr is None:
+            raise RuntimeError("gbc_tile_stats needs the LR input in the bit context (ctx.lr)")
+        return tile_statistics(ctx.lr, ctx.rgb_range)
+
     def forward(self, z1: Tensor, ctx: BitContext) -> None:
         """Decide the bits of the ``N`` patches whose head features are ``z1`` ``[N, C, H, W]``."""
         n = z1.shape[0]
@@ -524,7 +579,7 @@ class GranularBitController(nn.Module):
             return
         if self.gate == "learned":
             assert self.gbc is not None
-            logits = self.gbc(z1)
+            logits = self.gbc(z1, self.extra_inputs(ctx))
             noise = self.training or self.official
             gen = self._noise_generator(logits.device) if noise else None
             y_gbc = hard_gumbel_softmax(logits, self.tau, noise, gen)
@@ -553,6 +608,8 @@ class GranularBitController(nn.Module):
         parts = [f"gate={self.gate}", f"gbc_bits={self.gbc_bits}"]
         if self.gate == "learned":
             parts.append(f"tau={self.tau:g}")
+            if self.tile_stats:
+                parts.append("tile_stats=True")
         if self.gate == "fixed":
             parts.append(f"fixed_bits={self.fixed_bits}")
         if self.gate == "random":

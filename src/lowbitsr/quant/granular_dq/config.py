@@ -76,6 +76,10 @@ class GranularDQConfig:
             form for activations and weights).
         tile: LR tile size of tiled inference (§2.4).
         tile_step: step between tiles (``<= tile``).
+        gbc_tile_stats: the GBC's linear layer also reads three statistics of the LR patch
+            (:func:`~lowbitsr.quant.gdq_layers.tile_statistics`: log std, log mean gradient,
+            mean brightness), which the GroupNorm'ed descriptor loses. Not in the paper (off by
+            default); the rate–distortion controller uses it (docs/methods.md §2.6).
     """
 
     gbc_bits: tuple[int, ...] = (4, 6, 8)
@@ -94,6 +98,7 @@ class GranularDQConfig:
     compat: str = "default"
     tile: int = 96
     tile_step: int = 90
+    gbc_tile_stats: bool = False
 
     method: ClassVar[str] = "granular_dq"
 
@@ -122,9 +127,11 @@ class GranularDQConfig:
         set_(self, "tau", float(self.tau))
         self._check_gate_options()
         self._check_entropy_options()
-        for key in ("use_e2b", "use_atc"):
+        for key in ("use_e2b", "use_atc", "gbc_tile_stats"):
             if not isinstance(getattr(self, key), bool):
                 raise _bad(key, getattr(self, key), "write true or false")
+        if self.gbc_tile_stats and self.compat == "official":
+            raise _bad("gbc_tile_stats", True, "not part of the released code; use compat: default")
         for key in ("tile", "tile_step"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

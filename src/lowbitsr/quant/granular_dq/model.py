@@ -291,6 +291,7 @@ def quantize_granular_dq(
         random_probs=config.random_probs,
         e2b=e2b,
         official=official,
+        tile_stats=config.gbc_tile_stats,
     )
     ref = next(net.parameters())
     controller.to(device=ref.device, dtype=ref.dtype)

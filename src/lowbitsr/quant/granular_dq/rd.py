@@ -20,6 +20,10 @@ cost and buy, with the rest of the model frozen:
    argmin) becomes the GBC's linear layer, with a bias along the bits that puts the fitted
    controller's own mean bits on the fit tiles at ``target_fab`` (:func:`fit_rd_controller`).
 
+With ``tile_stats`` the GBC's linear layer also reads three un-normalised statistics of the LR
+tile (:func:`~lowbitsr.quant.gdq_layers.tile_statistics`): the GroupNorm'ed descriptor alone
+does not tell a smooth tile, where a fixed quantization step shows, from a textured one.
+
 E2B is switched off (the fitted controller already sees the tile) and the GBC chooses among all
 the model's candidate bit-widths, so every quantizer's parameters are reused as they are.
 """
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...metrics import rgb_to_y
+from ..gdq_layers import tile_statistics
 from .model import GranularDQModel, quantize_granular_dq
 from .tiling import gdq_tile_starts
 
@@ -82,11 +87,12 @@ def measure_tiles(
     """GBC descriptors and quantization errors of ``tiles`` ``[T, 3, t, t]`` (``[0, rgb_range]``).
 
     Returns:
-        ``(S [T, 3C], q [T, K], e [T] or None)``: ``S`` the model's GBC descriptor of each tile's
-        head features, ``q[:, k]`` the mean squared Y difference (0-255 scale) between the
-        tile's output at ``candidates[k]`` and at the highest candidate (so ``q[:, -1] == 0``);
-        with ``hr`` (``[T, 3, s t, s t]``, same range), ``e`` the mean squared Y error of the
-        output at the highest candidate against it.
+        ``(S [T, 3C(+3)], q [T, K], e [T] or None)``: ``S`` what the GBC's linear layer reads
+        for each tile (the descriptor of its head features, plus its tile statistics when the
+        model has ``gbc_tile_stats``), ``q[:, k]`` the mean squared Y difference (0-255 scale)
+        between the tile's output at ``candidates[k]`` and at the highest candidate (so
+        ``q[:, -1] == 0``); with ``hr`` (``[T, 3, s t, s t]``, same range), ``e`` the mean
+        squared Y error of the output at the highest candidate against it.
     """
     gbc = model.controller.gbc
     if gbc is None:
@@ -105,7 +111,8 @@ def measure_tiles(
                 with model.force_bits(b):
                     out = model(chunk)
                 if b == cands[-1]:
-                    s_all.append(gbc.descriptor(feats[0]))
+                    extra = tile_statistics(chunk, model.rgb_range) if gbc.extra else None
+                    s_all.append(gbc.inputs(feats[0], extra))
                 ys.append(rgb_to_y((out * to255).clamp(0, 255)))
             ys.reverse()
             q_all.append(torch.stack([((y - ys[-1]) ** 2).mean(dim=(1, 2, 3)) for y in ys], 1))
@@ -211,11 +218,13 @@ def fit_linear(
     loss: str = "cost",
     l2: float = 1e-2,
     iters: int = 200,
+    classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A linear layer ``s`` ``[T, D]`` -> ``K`` logits, fitted on standardised ``s``.
 
     ``loss="labels"``: multinomial logistic regression on class indices ``target`` ``[T]``
-    (``K`` = ``target.max() + 1`` unless more columns are needed); ``loss="cost"``:
+    (``K`` = ``classes``, or ``target.max() + 1`` when None; a class no tile carries gets a
+    low bias); ``loss="cost"``:
     ``target`` is a cost matrix ``[T, K]`` and the fit minimises the expected cost under the
     softmax, ``mean_t sum_k softmax(z_t)_k target[t, k]`` (cost-sensitive: a tile where the
     wrong choice costs a lot weighs a lot). Both with ``l2 * |W|^2``. Returns the weight
@@ -225,7 +234,9 @@ def fit_linear(
     mu, sd = s.mean(0), s.std(0).clamp_min(1e-6)
     z = (s - mu) / sd
     if loss == "labels":
-        k = int(target.max()) + 1
+        k = int(target.max()) + 1 if classes is None else int(classes)
+        if k <= int(target.max()):
+            raise ValueError(f"fit_linear: label {int(target.max())} needs classes > {k}")
     elif loss == "cost":
         k = target.shape[1]
         cost = target.double() / target.double().abs().mean().clamp_min(1e-12)
@@ -252,11 +263,12 @@ def fit_linear(
     return w_raw, (b - w_raw @ mu).detach()
 
 
-def rd_model(model: GranularDQModel) -> GranularDQModel:
+def rd_model(model: GranularDQModel, tile_stats: bool = False) -> GranularDQModel:
     """A copy of ``model`` with a fresh GBC over all its candidates, E2B and ATC off.
 
     Every weight and quantizer parameter is copied; the GBC's linear layer is left at its
-    initialisation (``fit_rd_controller`` sets it).
+    initialisation (``fit_rd_controller`` sets it). ``tile_stats``: the new GBC also reads the
+    tiles' :func:`~lowbitsr.quant.gdq_layers.tile_statistics` (``gbc_tile_stats``).
     """
     from ...models import create_model
 
@@ -270,6 +282,7 @@ def rd_model(model: GranularDQModel) -> GranularDQModel:
         entropy_thresholds=None,
         fixed_bits=None,
         random_probs=None,
+        gbc_tile_stats=bool(tile_stats),
     )
     new = quantize_granular_dq(create_model(**model.model_config), cfg, inplace=True)
     keep = {
@@ -304,12 +317,18 @@ def fit_rd_controller(
     bits = torch.tensor(model.config.candidates)
     if tuple(model.config.gbc_bits) != tuple(model.config.candidates) or m.q.shape[1] != len(bits):
         raise ValueError("fit_rd_controller: build the model with rd_model() first")
+    width = model.controller.gbc.fc.in_features
+    if m.s.shape[1] != width:
+        raise ValueError(
+            f"fit_rd_controller: the measurements have {m.s.shape[1]} inputs per tile, the GBC "
+            f"reads {width}; measure with the same rd_model(..., tile_stats=...)"
+        )
     cost = m.q.double() * m.weight.double()[:, None]
     lam = calibrate_lambda(cost, bits, target_fab)
     total = cost + lam * bits.double()[None, :]
     labels = total.argmin(1)
     target = labels if loss == "labels" else total
-    w, b = fit_linear(m.s, target, loss=loss, l2=l2)
+    w, b = fit_linear(m.s, target, loss=loss, l2=l2, classes=len(bits))
     logits = m.s.double() @ w.T + b
     bd = bits.double()
     shift = fab_shift(logits, bd, target_fab)
@@ -350,6 +369,7 @@ def with_rd_controller(
     loss: str = "cost",
     l2: float = 1e-2,
     batch: int = 8,
+    tile_stats: bool = False,
 ) -> tuple[GranularDQModel, dict[str, Any]]:
     """A copy of ``model`` whose bits come from a fitted rate–distortion controller.
 
@@ -362,11 +382,12 @@ def with_rd_controller(
             ``[3, H, W]`` in ``[0, rgb_range]``, or ``(lr, hr)`` pairs for ``objective="psnr"``.
         target_fab: mean bits on the fit tiles (the FAB the controller aims at).
         objective, loss, l2: see :func:`measure_images` and :func:`fit_rd_controller`.
+        tile_stats: the controller also reads each tile's statistics (:func:`rd_model`).
     Returns:
         ``(new_model, stats)``: the model in eval mode (config: ``gate="learned"``,
         ``gbc_bits`` = all candidates, E2B off) and the fit statistics.
     """
-    new = rd_model(model)
+    new = rd_model(model, tile_stats)
     m = measure_images(new, images, objective=objective, batch=batch)
     stats = fit_rd_controller(new, m, target_fab, loss=loss, l2=l2)
     stats["objective"] = objective
