@@ -652,6 +652,15 @@ def diff(
     }
 
 
+def _fmt_fab(fab: float | None, span: list[float] | None) -> str:
+    """``5.10`` or, when the seeds differ, ``5.10 (5.00-5.29)``."""
+    if fab is None:
+        return "-"
+    if span is None or span[1] - span[0] < 0.005:
+        return f"{fab:.2f}"
+    return f"{fab:.2f} ({span[0]:.2f}-{span[1]:.2f})"
+
+
 def print_table(results: Path, json_out: str | None = None) -> dict[str, Any]:
     from lowbitsr.evaluate import format_table
 
@@ -674,8 +683,10 @@ def print_table(results: Path, json_out: str | None = None) -> dict[str, Any]:
             entry[f"{key}_std"] = sd
             entry[f"{key}_ssim"] = float(np.mean([r["eval"][key]["ssim"] for r in seeds.values()]))
         any_rec = next(iter(seeds.values()))
-        entry["fab"] = any_rec.get("fab")
-        entry["gbitops"] = any_rec.get("gbitops")
+        for key in ("fab", "gbitops"):  # dynamic rows differ by seed: the mean, and the range
+            vals = [r[key] for r in seeds.values() if r.get(key) is not None]
+            entry[key] = float(np.mean(vals)) if vals else None
+            entry[f"{key}_range"] = [float(min(vals)), float(max(vals))] if vals else None
         entry["iters"] = (any_rec.get("train") or {}).get("step")
         rows.append(entry)
     diffs = []
@@ -696,7 +707,7 @@ def print_table(results: Path, json_out: str | None = None) -> dict[str, Any]:
             "photos PSNR": _fmt(r["photos_psnr"], r["photos_std"]),
             "photos SSIM": f"{r['photos_ssim']:.4f}",
             "bundled PSNR": _fmt(r["bundled_psnr"], r["bundled_std"]),
-            "FAB": "-" if r["fab"] is None else f"{r['fab']:.2f}",
+            "FAB": _fmt_fab(r["fab"], r["fab_range"]),
             "GBitOPs": "-"
             if r["gbitops"] is None or math.isnan(r["gbitops"])
             else f"{r['gbitops']:.2f}",
