@@ -332,14 +332,13 @@ class Campaign:
 
         from lowbitsr.checkpoint import load_model, save_model
         from lowbitsr.data import build_dataset
-        from lowbitsr.quant.gdq_layers import tile_statistics
         from lowbitsr.quant.granular_dq import (
             TileMeasurements,
             fit_rd_controller,
             measure_images,
             rd_model,
         )
-        from lowbitsr.quant.granular_dq.rd import image_tiles
+        from lowbitsr.quant.granular_dq.rd import images_tile_statistics
 
         fit = dict(ROWS[row]["fit"])
         objective = fit.pop("objective", "psnr")
@@ -367,12 +366,8 @@ class Campaign:
         if objective == "mse":
             m.weight = torch.ones_like(m.weight)
         if tile_stats:  # each tile's statistics, in the order the tiles were measured
-            grid = (src.config.tile, src.config.tile_step)
-            extra = [
-                tile_statistics(image_tiles(ds[i]["lr"] * k, *grid), src.rgb_range)
-                for i in range(len(ds))
-            ]
-            m.s = torch.cat([m.s, torch.cat(extra)], 1)
+            extra = images_tile_statistics(src, (ds[i]["lr"] * k for i in range(len(ds))))
+            m.s = torch.cat([m.s, extra], 1)
         stats = {**fit_rd_controller(new, m, **fit), "objective": objective}
         meta = json.loads((src_dir / "model.json").read_text())["meta"]
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ A linear rule that cannot beat the best constant even on the tiles it was fitted
 descriptor does not carry what decides where bits pay.
 
 ``--features``: what the linear rules see: ``gbc`` (the descriptor ``S``), ``tile``
-(:func:`~lowbitsr.quant.granular_dq.rd.tile_statistics`, un-normalised LR statistics recomputed
+(:func:`~lowbitsr.quant.gdq_layers.tile_statistics`, un-normalised LR statistics recomputed
 from ``--data``, the split the tiles were measured on, with the run's tile grid) or ``both``.
 ``--cv``: score each image's tiles with rules fitted on the *other* images (leave one image out;
 the shift to the target FAB is set once on all held-out logits), i.e. how a rule generalises.
@@ -41,8 +41,7 @@ from lowbitsr.quant.granular_dq.rd import (
     calibrate_lambda,
     fab_shift,
     fit_linear,
-    image_tiles,
-    tile_statistics,
+    images_tile_statistics,
 )
 
 
@@ -52,22 +51,16 @@ def _shifted(logits: torch.Tensor, bits: torch.Tensor, target: float) -> torch.T
 
 
 def tile_features(run: Path, data: str) -> torch.Tensor:
-    """:func:`tile_statistics` of every tile of ``data`` on the run's inference tile grid, in the
+    """The tile statistics of every tile of ``data`` on the run's inference tile grid, in the
     order :func:`~lowbitsr.quant.granular_dq.rd.measure_images` measured them."""
     from lowbitsr.checkpoint import load_model
     from lowbitsr.data import build_dataset
     from lowbitsr.specs import parse_dataset_spec
 
     model = load_model(run / "model" if (run / "model").is_dir() else run)
-    cfg = model.config
     ds = build_dataset(parse_dataset_spec(data), int(model.scale), "eval")
     k = model.rgb_range / 255.0
-    return torch.cat(
-        [
-            tile_statistics(image_tiles(ds[i]["lr"] * k, cfg.tile, cfg.tile_step), model.rgb_range)
-            for i in range(len(ds))
-        ]
-    )
+    return images_tile_statistics(model, (ds[i]["lr"] * k for i in range(len(ds))))
 
 
 def main(argv: list[str] | None = None) -> int:

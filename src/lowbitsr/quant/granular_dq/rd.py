@@ -59,6 +59,19 @@ def image_tiles(lr: Tensor, tile: int, step: int) -> Tensor:
     return torch.stack([lr[:, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
 
 
+def images_tile_statistics(model: GranularDQModel, images: Iterable[Tensor]) -> Tensor:
+    """:func:`~lowbitsr.quant.gdq_layers.tile_statistics` of every tile of LR ``images``
+    (``[3, H, W]`` in ``[0, rgb_range]``) on ``model``'s inference grid -> ``[T, 3]``, in the
+    order :func:`measure_images` measures the tiles."""
+    cfg = model.config
+    return torch.cat(
+        [
+            tile_statistics(image_tiles(lr, cfg.tile, cfg.tile_step), model.rgb_range)
+            for lr in images
+        ]
+    )
+
+
 @dataclass
 class TileMeasurements:
     """What :func:`measure_images` found on ``T`` tiles (``K`` candidate bit-widths).
