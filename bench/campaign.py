@@ -19,7 +19,9 @@ What it runs (EDSR-baseline x4, the papers' network; rows share the teacher and 
   gate, which exercises every bit-width); both fit the expected PSNR cost (``objective: psnr``,
   ``loss: cost``); ``gdq_rd_mse_labels``: the first fit tried (a classifier of per-tile MSE
   labels, no HR); ``gdq_rd_tile``, ``gdq_random_rd_tile``: the same classifier on the GBC
-  descriptor plus three statistics of the LR tile (``gbc_tile_stats``);
+  descriptor plus three statistics of the LR tile (``gbc_tile_stats``); ``gdq_rd_tile_rc``,
+  ``gdq_random_rd_tile_rc``: those controllers under per-image rate control (``image_fab: 5``:
+  one bias along the bits per image puts every test image at FAB <= 5);
 * ``ddtb_w4a4_int``, ``ddtb_w2a2_int``: DDTB in the integer layout (``layout: integer``: every
   body and upsampler conv between static quantizers, so it exports to integer kernels);
   ``ddtb_w4a4_int_s8``, ``ddtb_w2a2_int_s8``: the same with an 8-bit residual stream
@@ -54,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -118,6 +121,14 @@ ROWS: dict[str, dict[str, Any]] = {
     "gdq_random_rd_tile": _refit(
         "gdq_random", objective="mse", loss="labels", l2=1e-2, tile_stats=True
     ),
+    # the same controllers under per-image rate control (image_fab): every test image at
+    # FAB <= 5, whatever the fit on the training tiles says about other images
+    "gdq_rd_tile_rc": _refit(
+        "gdq", objective="mse", loss="labels", l2=1e-2, tile_stats=True, image_fab=5.0
+    ),
+    "gdq_random_rd_tile_rc": _refit(
+        "gdq_random", objective="mse", loss="labels", l2=1e-2, tile_stats=True, image_fab=5.0
+    ),
     "ddtb_w2a2_official": {
         "quant": {"method": "ddtb", "bits": 2, "compat": "official", "recipe": _KD},
         "seeds": True,
@@ -175,6 +186,19 @@ DIFFS = [
     ("GDQ learned - random gate", "gdq", "gdq_random"),
     ("GDQ RD controller with tile statistics - random gate", "gdq_random_rd_tile", "gdq_random"),
     ("GDQ RD controller with tile statistics - learned gate", "gdq_rd_tile", "gdq"),
+    ("GDQ tile controller, FAB 5 per image - random gate", "gdq_rd_tile_rc", "gdq_random"),
+    (
+        "GDQ random-gate weights + tile controller, FAB 5 per image - random gate",
+        "gdq_random_rd_tile_rc",
+        "gdq_random",
+    ),
+    ("GDQ tile controller, FAB 5 per image - learned gate", "gdq_rd_tile_rc", "gdq"),
+    ("GDQ tile controller, FAB 5 per image - fixed 8-bit", "gdq_rd_tile_rc", "gdq_w8"),
+    (
+        "GDQ random-gate weights + tile controller, FAB 5 per image - fixed 8-bit",
+        "gdq_random_rd_tile_rc",
+        "gdq_w8",
+    ),
     ("GDQ - fixed 8-bit", "gdq", "gdq_w8"),
     ("GDQ rate-distortion - learned", "gdq_rd", "gdq"),
     ("GDQ rate-distortion - random gate", "gdq_rd", "gdq_random"),
@@ -343,6 +367,7 @@ class Campaign:
         fit = dict(ROWS[row]["fit"])
         objective = fit.pop("objective", "psnr")
         tile_stats = bool(fit.pop("tile_stats", False))
+        image_fab = fit.pop("image_fab", None)
         src_dir = self.runs / f"{ROWS[row]['needs']}_s{seed}"
         src = load_model(src_dir / "model").eval()
         new = rd_model(src, tile_stats)
@@ -369,6 +394,9 @@ class Campaign:
             extra = images_tile_statistics(src, (ds[i]["lr"] * k for i in range(len(ds))))
             m.s = torch.cat([m.s, extra], 1)
         stats = {**fit_rd_controller(new, m, **fit), "objective": objective}
+        if image_fab is not None:  # per-image rate control at inference
+            new.config = dataclasses.replace(new.config, image_fab=float(image_fab))
+            stats["image_fab"] = float(image_fab)
         meta = json.loads((src_dir / "model.json").read_text())["meta"]
         run_dir.mkdir(parents=True, exist_ok=True)
         save_model(

@@ -186,3 +186,73 @@ def test_tile_statistics_config_is_checked() -> None:
         GranularDQConfig(gbc_tile_stats="yes")
     with pytest.raises(ConfigError, match="gbc_tile_stats"):
         GranularDQConfig(gbc_tile_stats=True, compat="official")
+
+
+def test_rate_controlled_choice_meets_each_target() -> None:
+    from lowbitsr.quant.granular_dq.rate import fab_shift, rate_controlled_choice
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.tensor([4, 5, 6, 8])
+    logits = torch.randn(40, 4, generator=g) * 3
+    logits[:, 3] += 5.0  # left alone the controller picks 8 bits almost everywhere
+    assert bits[logits.argmax(1)].double().mean() > 7.0
+    means = []
+    for target in (4.0, 4.5, 5.0, 6.5, 8.0):
+        chosen = bits[rate_controlled_choice(logits, bits, target)].double()
+        assert chosen.mean() <= target + 1e-12
+        means.append(chosen.mean().item())
+    assert means == sorted(means) and means[0] == 4.0 and means[-1] > 7.0
+    # the smallest bias: a slightly smaller one misses the target
+    d = fab_shift(logits, bits, 5.0)
+    assert bits[(logits.double() - (d - 1e-3) * bits.double()).argmax(1)].double().mean() > 5.0
+    # a looser controller (every logit equal) still meets it, at the lowest bits if need be
+    flat = bits[rate_controlled_choice(torch.zeros(7, 4), bits, 5.0)]
+    assert flat.double().mean() <= 5.0
+    with pytest.raises(ValueError, match="below the lowest"):
+        rate_controlled_choice(logits, bits, 3.0)
+    with pytest.raises(ValueError, match="logits must be"):
+        rate_controlled_choice(logits[:, :3], bits, 5.0)
+
+
+def test_image_fab_holds_every_image_at_its_budget(tmp_path: Path) -> None:
+    import dataclasses
+
+    src = _model()
+    images = _images(3, 2)
+    new, _ = with_rd_controller(src, images, target_fab=7.0, objective="mse", tile_stats=True)
+    big = torch.rand(1, 3, 40, 52, generator=torch.Generator().manual_seed(9)) * 255
+    _, free = gdq_super_resolve(new, big, 2, 16, 12)
+    assert free.double().mean() > 5.0  # fitted at 7 bits: without rate control above 5
+    new.config = dataclasses.replace(new.config, image_fab=5.0)
+    sr, bit_map = gdq_super_resolve(new, big, 2, 16, 12)
+    assert 4.0 < bit_map.double().mean() <= 5.0  # within budget, not collapsed to 4 bits
+    # the one-tile-at-a-time loop decides the tiles together too: the same map and image
+    sr1, map1 = gdq_super_resolve(new, big, 2, 16, 12, batched=False)
+    assert torch.equal(map1, bit_map)
+    torch.testing.assert_close(sr1, sr, atol=1e-3, rtol=0)
+    # the rate-controlled map is the same image run with that map forced
+    sr_f, _ = gdq_super_resolve(new, big, 2, 16, 12, bits=bit_map)
+    assert torch.equal(sr_f, sr)
+    # saved with the model; a plain forward of a batch still decides per patch
+    save_model(new, tmp_path / "rc")
+    back = load_model(tmp_path / "rc")
+    assert back.config.image_fab == 5.0
+    assert torch.equal(gdq_super_resolve(back, big, 2, 16, 12)[1], bit_map)
+    tiles = image_tiles(big[0], 16, 12)
+    assert torch.equal(back.decide_bits(tiles), free.flatten())
+    assert torch.equal(back.decide_image_bits(tiles), bit_map.flatten())
+
+
+def test_image_fab_config_is_checked() -> None:
+    from lowbitsr.errors import ConfigError
+
+    ok = GranularDQConfig(gbc_bits=(4, 6, 8), use_e2b=False, image_fab=5)
+    assert ok.image_fab == 5.0 and GranularDQConfig.from_dict(ok.to_dict()) == ok
+    with pytest.raises(ConfigError, match="image_fab.*use_e2b: false"):
+        GranularDQConfig(image_fab=5.0)  # E2B on
+    with pytest.raises(ConfigError, match="image_fab.*gate: learned"):
+        GranularDQConfig(gate="random", use_e2b=False, image_fab=5.0)
+    with pytest.raises(ConfigError, match="between 4 and 8"):
+        GranularDQConfig(use_e2b=False, image_fab=3.0)
+    with pytest.raises(ConfigError, match="image_fab"):
+        GranularDQConfig(use_e2b=False, image_fab="5")

@@ -560,6 +560,13 @@ class GranularBitController(nn.Module):
             raise RuntimeError("gbc_tile_stats needs the LR input in the bit context (ctx.lr)")
         return tile_statistics(ctx.lr, ctx.rgb_range)
 
+    def gbc_logits(self, z1: Tensor, ctx: BitContext) -> Tensor:
+        """The learned gate's logits ``[N, len(gbc_bits)]`` for head features ``z1``
+        ``[N, C, H, W]`` (``ctx.lr`` holds the patches when the GBC reads tile statistics)."""
+        if self.gbc is None:
+            raise RuntimeError(f"the {self.gate!r} gate has no GBC logits")
+        return self.gbc(z1, self.extra_inputs(ctx))
+
     def forward(self, z1: Tensor, ctx: BitContext) -> None:
         """Decide the bits of the ``N`` patches whose head features are ``z1`` ``[N, C, H, W]``."""
         n = z1.shape[0]
@@ -578,8 +585,7 @@ class GranularBitController(nn.Module):
             ctx.set_selection(self._one_hot(cols, z1), cands)
             return
         if self.gate == "learned":
-            assert self.gbc is not None
-            logits = self.gbc(z1, self.extra_inputs(ctx))
+            logits = self.gbc_logits(z1, ctx)
             noise = self.training or self.official
             gen = self._noise_generator(logits.device) if noise else None
             y_gbc = hard_gumbel_softmax(logits, self.tau, noise, gen)

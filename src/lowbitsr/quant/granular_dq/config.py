@@ -80,6 +80,13 @@ class GranularDQConfig:
             (:func:`~lowbitsr.quant.gdq_layers.tile_statistics`: log std, log mean gradient,
             mean brightness), which the GroupNorm'ed descriptor loses. Not in the paper (off by
             default); the rate–distortion controller uses it (docs/methods.md §2.6).
+        image_fab: per-image rate control of tiled inference (:func:`gdq_super_resolve`):
+            the learned GBC's logits of all tiles of one image get one bias along the bits,
+            the smallest that puts the image's mean bits at most ``image_fab``, so every image
+            stays within the budget whatever its content (a controller fitted on other images
+            drifts: docs/methods.md §2.6). None (default, the paper): each tile decides
+            alone. Needs ``gate: learned``, E2B off and ``compat: default``; a plain forward
+            of a batch is not affected.
     """
 
     gbc_bits: tuple[int, ...] = (4, 6, 8)
@@ -99,6 +106,7 @@ class GranularDQConfig:
     tile: int = 96
     tile_step: int = 90
     gbc_tile_stats: bool = False
+    image_fab: float | None = None
 
     method: ClassVar[str] = "granular_dq"
 
@@ -132,6 +140,7 @@ class GranularDQConfig:
                 raise _bad(key, getattr(self, key), "write true or false")
         if self.gbc_tile_stats and self.compat == "official":
             raise _bad("gbc_tile_stats", True, "not part of the released code; use compat: default")
+        self._check_image_fab()
         for key in ("tile", "tile_step"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -160,6 +169,22 @@ class GranularDQConfig:
                     f"give {k} non-negative probabilities (one per gbc_bits entry) summing to 1",
                 )
             object.__setattr__(self, "random_probs", probs)
+
+    def _check_image_fab(self) -> None:
+        f = self.image_fab
+        if f is None:
+            return
+        lo, hi = min(self.gbc_bits), max(self.gbc_bits)
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not lo <= f <= hi:
+            raise _bad("image_fab", f, f"write a number between {lo} and {hi} (gbc_bits), or null")
+        if self.gate != "learned" or self.e2b_active or self.compat != "default":
+            raise _bad(
+                "image_fab",
+                f,
+                "per-image rate control shifts the learned GBC's logits: it needs gate: learned, "
+                "use_e2b: false and compat: default",
+            )
+        object.__setattr__(self, "image_fab", float(f))
 
     def _check_entropy_options(self) -> None:
         if self.entropy_thresholds is not None:

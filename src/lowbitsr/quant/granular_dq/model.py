@@ -21,6 +21,7 @@ from ..gdq_layers import (
     GranularBitController,
 )
 from .config import GranularDQConfig
+from .rate import rate_controlled_choice
 from .tables import EntropyTable
 
 
@@ -168,6 +169,39 @@ class GranularDQModel(nn.Module):
             return ctx.bits.clone()
         finally:
             ctx.clear()
+
+    @torch.no_grad()
+    def gate_logits(self, lr: Tensor) -> Tensor:
+        """The learned GBC's logits ``[N, len(gbc_bits)]`` for the patches ``lr`` ``[N, 3, H, W]``
+        (head + GBC, no selection); a random or fixed gate has none (RuntimeError)."""
+        _, spec = _arch_spec(self.net)
+        tap = getattr(self.net, spec.head_attr)
+        ctx = self.ctx
+        ctx.clear()
+        ctx.lr, ctx.rgb_range = lr, self.rgb_range
+        try:
+            return self.controller.gbc_logits(tap.inner(spec.pre_head(self.net, lr)), ctx)
+        finally:
+            ctx.clear()
+
+    @torch.no_grad()
+    def decide_image_bits(self, tiles: Tensor, max_batch: int = 16) -> Tensor:
+        """The bit-widths ``[N]`` (int64, CPU) of the ``N`` tiles of one image ``[N, 3, h, w]``.
+
+        Without ``config.image_fab`` each tile's own decision (:meth:`decide_bits`, in chunks of
+        ``max_batch``). With it, per-image rate control: the GBC logits of all tiles get the
+        smallest bias along the bits that puts their mean bits at most ``image_fab``
+        (:func:`~.rate.rate_controlled_choice`). Call in eval mode.
+        """
+        chunks = range(0, tiles.shape[0], max_batch)
+        target = self.config.image_fab
+        if target is None:
+            return torch.cat([self.decide_bits(tiles[a : a + max_batch]).cpu() for a in chunks])
+        if self.training:
+            raise RuntimeError("decide_image_bits with image_fab: call model.eval() first")
+        logits = torch.cat([self.gate_logits(tiles[a : a + max_batch]).cpu() for a in chunks])
+        bits = torch.tensor(self.config.gbc_bits)
+        return bits[rate_controlled_choice(logits, bits, target)]
 
     @contextlib.contextmanager
     def force_bits(self, bits: Tensor | Sequence[int] | int) -> Iterator[None]:

@@ -43,6 +43,7 @@ from torch import Tensor
 from ...metrics import rgb_to_y
 from ..gdq_layers import tile_statistics
 from .model import GranularDQModel, quantize_granular_dq
+from .rate import bisect_decreasing, fab_shift
 from .tiling import gdq_tile_starts
 
 
@@ -189,31 +190,6 @@ def rd_choice(q: Tensor, bits: Tensor, lam: float) -> Tensor:
     return (q + lam * bits.to(q.dtype)[None, :]).argmin(dim=1)
 
 
-def _bisect(mean_bits: Any, target: float, lo: float, hi: float, steps: int = 60) -> float:
-    """The smallest ``x`` in ``[lo, hi]`` with ``mean_bits(x) <= target`` (decreasing in x)."""
-    if mean_bits(lo) <= target:
-        return lo
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if mean_bits(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def fab_shift(logits: Tensor, bits: Tensor, target_fab: float) -> float:
-    """The smallest ``d`` with mean bits of ``argmax_k logits[:, k] - d * bits[k]`` at most
-    ``target_fab`` (``logits`` ``[T, K]``, ``bits`` ``[K]``): a bias along the bits."""
-    bd = bits.double()
-    span = float(logits.abs().max()) + 1.0
-
-    def mean_bits(shift: float) -> float:
-        return float(bd[(logits - shift * bd).argmax(1)].mean())
-
-    return _bisect(mean_bits, target_fab, -span, span)
-
-
 def calibrate_lambda(q: Tensor, bits: Tensor, target_fab: float) -> float:
     """The smallest ``lambda`` whose rate–distortion choice has mean bits ``<= target_fab``."""
     b = bits.double()
@@ -221,7 +197,9 @@ def calibrate_lambda(q: Tensor, bits: Tensor, target_fab: float) -> float:
         raise ValueError(f"target_fab {target_fab} is below the lowest bit-width {int(b.min())}")
     qd = q.double()
     hi = float(qd.max()) + 1.0  # at this lambda every tile takes the lowest bits
-    return _bisect(lambda lam: float(b[rd_choice(qd, bits, lam)].mean()), target_fab, 0.0, hi)
+    return bisect_decreasing(
+        lambda lam: float(b[rd_choice(qd, bits, lam)].mean()), target_fab, 0.0, hi
+    )
 
 
 def fit_linear(

@@ -66,10 +66,12 @@ def gdq_super_resolve(
     region, the part of the image closer to it than to its neighbour, i.e. overlaps are split
     at their middle (same rule as the released code's ``combine``; no blending).
 
-    ``batched=True``: the bits of all tiles are decided first (``model.decide_bits``), then the
-    tiles of each bit-width run together (batches of at most ``max_batch``, bits forced to the
-    decision). ``batched=False``: one tile per forward, the model deciding itself (the released
-    code's loop; the benchmark's baseline). A model without ``decide_bits`` (a float model)
+    ``batched=True``: the bits of all tiles are decided first (``model.decide_image_bits``:
+    each tile alone, or with ``config.image_fab`` all tiles together under per-image rate
+    control), then the tiles of each bit-width run together (batches of at most ``max_batch``,
+    bits forced to the decision). ``batched=False``: one tile per forward, the model deciding
+    itself (the released code's loop; the benchmark's baseline; under rate control the bits
+    are decided together first). A model without ``decide_bits`` (a float model)
     runs at 32 bits. Both ways give the same bit map and the same image, bit for bit in float64;
     in float32 a conv rounds differently for batch 1 and batch N (about 1e-7 relative), which
     a quantizer can turn into a one-level step at a few pixels.
@@ -134,16 +136,24 @@ def gdq_super_resolve(
                 f"(the tile grid), got {tuple(given.shape)}"
             )
         bits = given.flatten().clone()
+    decide_image = getattr(model, "decide_image_bits", None)
+    joint = getattr(getattr(model, "config", None), "image_fab", None) is not None
     if not batched:
+        if joint and callable(decide_image) and callable(force):
+            # per-image rate control decides all tiles together, then each runs alone
+            bits = decide_image(torch.stack([crop(k) for k in range(n)]), max_batch)
         for k in range(n):
-            out_k = model(crop(k)[None])
+            with force(int(bits[k])) if joint else contextlib.nullcontext():
+                out_k = model(crop(k)[None])
             last = getattr(model, "last_bits", None)
             if last is not None:
                 bits[k] = int(last[0])
             place(k, out_k[0])
         return out, bits.view(len(ys), len(xs))
     tiles = torch.stack([crop(k) for k in range(n)])
-    if given is None and callable(decide) and callable(force):
+    if given is None and callable(decide_image) and callable(force):
+        bits = decide_image(tiles, max_batch)
+    elif given is None and callable(decide) and callable(force):
         bits = torch.cat([decide(tiles[a : a + max_batch]).cpu() for a in range(0, n, max_batch)])
     for b in sorted(set(bits.tolist())):
         idx = torch.nonzero(bits == b).flatten().tolist()
