@@ -30,7 +30,8 @@ what allocation can win at this FAB that the controller wins.
 ``--summary A.json B.json ...`` (records of several seeds of one row, e.g. ``gdq_s0``..``gdq_s2``)
 prints each allocation's paired difference from ``shuffled`` (the random gate at the learned
 frequencies on the same weights) with a 95 % t-interval over seeds (each seed's mean over images)
-and over (seed, image) pairs, and a one-sided sign test over the pairs whose bits differ::
+and over (seed, image) pairs, and a one-sided sign test over the pairs whose bits differ
+(``--base all_5``: against every tile at 5 bits instead)::
 
     python bench/gdq_allocation.py --summary results/gdq_allocation/gdq_s{0,1,2}.json
 """
@@ -238,7 +239,7 @@ def summarize(records: list[dict[str, Any]], base: str = "shuffled") -> list[dic
     return out
 
 
-def _summary_main(paths: list[str], json_out: str | None) -> int:
+def _summary_main(paths: list[str], json_out: str | None, base: str = "shuffled") -> int:
     try:
         records = [json.loads(Path(p).read_text()) for p in paths]
     except (OSError, ValueError) as exc:
@@ -250,10 +251,16 @@ def _summary_main(paths: list[str], json_out: str | None) -> int:
                 f"error: {p}: not a gdq_allocation record (no per_image/shuffled)", file=sys.stderr
             )
             return 2
-    rows = summarize(records)
+        if base not in r["mean_psnr"]:
+            have = ", ".join(r["mean_psnr"])
+            print(f"error: {p}: no allocation {base!r} to compare with ({have})", file=sys.stderr)
+            return 2
+    rows = summarize(records, base)
     if json_out:
         Path(json_out).write_text(
-            json.dumps({"models": [r["model"] for r in records], "rows": rows}, indent=1)
+            json.dumps(
+                {"models": [r["model"] for r in records], "base": base, "rows": rows}, indent=1
+            )
         )
     print(json.dumps(rows))
 
@@ -284,8 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         q = argparse.ArgumentParser(description="paired differences over allocation records")
         q.add_argument("--summary", nargs="+", required=True, metavar="JSON")
         q.add_argument("--json", default=None, help="also write the summary JSON here")
+        q.add_argument(
+            "--base",
+            default="shuffled",
+            help="the allocation every other one is compared with (default: shuffled; e.g. all_5)",
+        )
         a = q.parse_args(argv)
-        return _summary_main(a.summary, a.json)
+        return _summary_main(a.summary, a.json, a.base)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="Granular-DQ model: run folder, saved model or pretrained name")
     p.add_argument(

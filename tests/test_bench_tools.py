@@ -155,6 +155,14 @@ def test_allocation_summary_pairs_seeds_and_images(tmp_path: Path, capsys) -> No
     bad.write_text("{}")
     assert alloc.main(["--summary", str(bad)]) == 2
     assert "not a gdq_allocation record" in capsys.readouterr().err
+    # against another allocation: the signs flip, the magnitudes stay
+    out = tmp_path / "s.json"
+    assert alloc.main(["--summary", *map(str, paths), "--base", "learned", "--json", str(out)]) == 0
+    (flip,) = json.loads(out.read_text())["rows"]
+    assert flip["difference"] == "shuffled - learned"
+    assert flip["mean"] == pytest.approx(-row["mean"]) and flip["wins"] == 0
+    assert alloc.main(["--summary", str(paths[0]), "--base", "all_5"]) == 2
+    assert "no allocation 'all_5'" in capsys.readouterr().err
 
 
 def test_ablation_ptq_quantizes_and_calibrates_a_float_model(tmp_path: Path) -> None:

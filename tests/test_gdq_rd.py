@@ -248,9 +248,9 @@ def test_image_fab_config_is_checked() -> None:
 
     ok = GranularDQConfig(gbc_bits=(4, 6, 8), use_e2b=False, image_fab=5)
     assert ok.image_fab == 5.0 and GranularDQConfig.from_dict(ok.to_dict()) == ok
-    with pytest.raises(ConfigError, match="image_fab.*use_e2b: false"):
+    with pytest.raises(ConfigError, match=r"image_fab.*use_e2b: false"):
         GranularDQConfig(image_fab=5.0)  # E2B on
-    with pytest.raises(ConfigError, match="image_fab.*gate: learned"):
+    with pytest.raises(ConfigError, match=r"image_fab.*gate: learned"):
         GranularDQConfig(gate="random", use_e2b=False, image_fab=5.0)
     with pytest.raises(ConfigError, match="between 4 and 8"):
         GranularDQConfig(use_e2b=False, image_fab=3.0)
