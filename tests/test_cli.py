@@ -228,3 +228,44 @@ def test_entropy_table_command(image_folder, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert 0 < printed["H_t1"] <= printed["H_t2"] < 3.47  # entropy of 32 bins <= ln 32
     assert saved["H_t1"] == printed["H_t1"] and saved["n_patches"] == 4 * 9
+
+
+def test_image_fab_holds_each_image_budget(image_folder, tmp_path, capsys):
+    import torch
+
+    from lowbitsr.quant import GranularDQConfig, quantize
+    from lowbitsr.quant.granular_dq import calibrate_granular_dq
+
+    torch.manual_seed(0)
+    fp = create_model("edsr_tiny", scale=2, n_resblocks=1, n_feats=16)
+    q = quantize(fp, GranularDQConfig(use_e2b=False, tile=16, tile_step=14))
+    with torch.no_grad():  # a controller that wants 8 bits everywhere
+        q.controller.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+    calibrate_granular_dq(q, torch.rand(2, 3, 16, 16) * 255)
+    save_model(q, tmp_path / "gdq")
+    gdq = str(tmp_path / "gdq")
+
+    def fabs(flag: list[str], out: str) -> list[float]:
+        argv = ["eval", gdq, "--dataset", f"folder:{image_folder}", "--json-dir", out, "--quiet"]
+        assert main([*argv, *flag]) == 0
+        (f,) = (tmp_path / out).glob("*.json")
+        return [r["extra"]["fab"] for r in json.loads(f.read_text())["images"]]
+
+    assert all(f == 8.0 for f in fabs([], str(tmp_path / "free")))
+    held = fabs(["--image-fab", "5"], str(tmp_path / "held"))
+    assert all(4.0 < f <= 5.0 for f in held)
+    out = tmp_path / "sr.png"
+    args = ["upscale", gdq, str(image_folder / "img1.png"), str(out), "--quiet"]
+    assert main([*args, "--image-fab", "5"]) == 0 and out.is_file()
+    capsys.readouterr()
+    # one-line errors: not a Granular-DQ model, a budget outside the bits, E2B on
+    assert main([*args[:1], "bicubic", *args[2:], "--scale", "2", "--image-fab", "5"]) == 2
+    one_line_error(capsys, "needs a Granular-DQ model")
+    assert main([*args, "--image-fab", "3"]) == 2
+    one_line_error(capsys, "between 4 and 8")
+    q2 = quantize(fp, GranularDQConfig(entropy_thresholds=(2.0, 3.0), tile=16, tile_step=14))
+    calibrate_granular_dq(q2, torch.rand(2, 3, 16, 16) * 255)
+    save_model(q2, tmp_path / "gdq_e2b")
+    argv = ["eval", str(tmp_path / "gdq_e2b"), "--dataset", f"folder:{image_folder}"]
+    assert main([*argv, "--image-fab", "5", "--quiet"]) == 2
+    one_line_error(capsys, "use_e2b: false")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import LowbitsrError
+from ..errors import ConfigError, LowbitsrError
 from ..specs import load_any_model, parse_dataset_spec
 
 # Library messages advise Python arguments; the command line shows its own flag instead:
@@ -155,7 +155,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..errors import ConfigError
     from ..training import check_model_config, train
 
     overrides = list(args.set or [])
@@ -195,6 +194,20 @@ def _is_main() -> bool:
     return context().is_main
 
 
+def _is_gdq(model: object) -> bool:
+    return callable(getattr(model, "set_image_fab", None))
+
+
+def _set_image_fab(model: object, image_fab: float, ref: str) -> None:
+    """``--image-fab``: per-image rate control on a Granular-DQ model (one-line errors)."""
+    if not _is_gdq(model):
+        raise LowbitsrError(f"--image-fab needs a Granular-DQ model; {ref} is not one")
+    try:
+        model.set_image_fab(image_fab)  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        raise LowbitsrError(f"{ref}: --image-fab {image_fab:g}: {exc}") from None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..data.io import check_output_path
@@ -212,10 +225,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if ref != "bicubic":
                 scale = load_any_model(ref, None)[0].model_config["scale"]
                 break
+    if args.image_fab is not None and not any(
+        ref != "bicubic" and _is_gdq(load_any_model(ref, scale)[0]) for ref in args.models
+    ):
+        raise LowbitsrError("--image-fab needs a Granular-DQ model; none of the models is one")
     for ref in args.models:
         model, name = load_any_model(ref, scale)
         if model.model_config["scale"] != scale:
             raise LowbitsrError(f"{ref} is a x{model.model_config['scale']} model, not x{scale}")
+        if args.image_fab is not None and _is_gdq(model):
+            _set_image_fab(model, args.image_fab, ref)
         for spec_text in args.dataset:
             spec = _dataset_spec(spec_text, args)
             ds = build_dataset(spec, scale, "eval")
@@ -350,6 +369,10 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         model, _ = load_any_model(args.model, args.scale)
         scale = model.model_config["scale"]
         granular = is_dynamic_bits(model)
+        if args.image_fab is not None:
+            _set_image_fab(model, args.image_fab, args.model)
+    if args.image_fab is not None and args.backend != "torch":
+        raise LowbitsrError(f"--image-fab runs on --backend torch, not {args.backend}")
     if args.scale is not None and args.scale != scale:
         raise LowbitsrError(
             f"{args.model} is a x{scale} model; it cannot upscale by --scale {args.scale} "

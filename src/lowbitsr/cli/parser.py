@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--convert", action="store_true", help="accept greyscale/RGBA/16-bit images (made RGB)"
     )
+    e.add_argument(
+        "--image-fab",
+        type=float,
+        default=None,
+        metavar="F",
+        help="Granular-DQ models with a learned controller and E2B off (e.g. a rate-distortion "
+        "refit): hold every image's mean bits at most F (per-image rate control)",
+    )
     e.add_argument("--json-dir", default=None, help="write per-image JSON results here")
     e.add_argument("--save-images", default=None, help="write SR images here")
     e.add_argument("--device", default="cpu")
@@ -197,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="upscaling factor: needed for 'bicubic'; for a model, refused unless it is the "
         "model's own",
+    )
+    u.add_argument(
+        "--image-fab",
+        type=float,
+        default=None,
+        metavar="F",
+        help="Granular-DQ models with a learned controller and E2B off (e.g. a rate-distortion "
+        "refit): hold every image's mean bits at most F (per-image rate control)",
     )
     u.add_argument(
         "--backend",

@@ -203,6 +203,13 @@ class GranularDQModel(nn.Module):
         bits = torch.tensor(self.config.gbc_bits)
         return bits[rate_controlled_choice(logits, bits, target)]
 
+    def set_image_fab(self, image_fab: float | None) -> None:
+        """Per-image rate control of tiled inference from now on (None: each tile decides
+        alone); see ``GranularDQConfig.image_fab``. Raises ``ConfigError`` (one line) when this
+        model cannot take it (a random/fixed gate, E2B on, official numerics) or it is out of
+        the GBC's bit range."""
+        self.config = dataclasses.replace(self.config, image_fab=image_fab)
+
     @contextlib.contextmanager
     def force_bits(self, bits: Tensor | Sequence[int] | int) -> Iterator[None]:
         """Within the block, every forward uses ``bits`` (an int, or ``[N]`` per sample)."""
