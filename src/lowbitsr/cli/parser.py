@@ -67,6 +67,17 @@ def _overlap_arg(text: str) -> int | None:
     return None if text == "auto" else _non_negative(text)
 
 
+def _add_image_fab(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-fab",
+        type=float,
+        default=None,
+        metavar="F",
+        help="Granular-DQ models with a learned controller and E2B off (e.g. a rate-distortion "
+        "refit): hold every image's mean bits at most F (per-image rate control)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lowbitsr`` command."""
     from ..evaluate import DEFAULT_EVAL_TILE
@@ -157,14 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--convert", action="store_true", help="accept greyscale/RGBA/16-bit images (made RGB)"
     )
-    e.add_argument(
-        "--image-fab",
-        type=float,
-        default=None,
-        metavar="F",
-        help="Granular-DQ models with a learned controller and E2B off (e.g. a rate-distortion "
-        "refit): hold every image's mean bits at most F (per-image rate control)",
-    )
+    _add_image_fab(e)
     e.add_argument("--json-dir", default=None, help="write per-image JSON results here")
     e.add_argument("--save-images", default=None, help="write SR images here")
     e.add_argument("--device", default="cpu")
@@ -206,14 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="upscaling factor: needed for 'bicubic'; for a model, refused unless it is the "
         "model's own",
     )
-    u.add_argument(
-        "--image-fab",
-        type=float,
-        default=None,
-        metavar="F",
-        help="Granular-DQ models with a learned controller and E2B off (e.g. a rate-distortion "
-        "refit): hold every image's mean bits at most F (per-image rate control)",
-    )
+    _add_image_fab(u)
     u.add_argument(
         "--backend",
         choices=["torch", "onnx", "openvino", "torch-int8"],
