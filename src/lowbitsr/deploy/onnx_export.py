@@ -138,9 +138,12 @@ __all__ = [
 DEFAULT_OPSET = 17
 #: The pixel shuffle each runtime runs fastest (``export_onnx(target=...)``).
 _TARGETS: dict[str, dict[str, Any]] = {
-    "onnxruntime": {"pixel_shuffle": "transpose", "per_sample_qdq": True},
-    # OpenVINO cannot take a per-sample (axis 0) QuantizeLinear scale: gated layers as float ops
-    "openvino": {"pixel_shuffle": "depth_to_space", "per_sample_qdq": False},
+    "onnxruntime": {"pixel_shuffle": "transpose", "per_sample_qdq": True, "skip_guard": False},
+    # OpenVINO cannot take a per-sample (axis 0) QuantizeLinear scale: gated layers as float ops.
+    # skip_guard: an exact no-op Min between QA3's DequantizeLinear and the block's skip Add;
+    # without it OpenVINO's CPU plugin fuses int8 Conv -> Q -> Clip -> DQ -> Add -> Q into one
+    # conv whose inner quantizer clamps but does not round (QA3 runs unquantized).
+    "openvino": {"pixel_shuffle": "depth_to_space", "per_sample_qdq": False, "skip_guard": True},
 }
 
 
@@ -228,6 +231,7 @@ def _build(
     static_gates: dict[str, tuple[float, float]] | None = None,
     pixel_shuffle: str = "transpose",
     per_sample_qdq: bool = True,
+    skip_guard: bool = False,
 ) -> tuple[Any, _Graph]:
     import onnx
     from onnx import TensorProto, helper
@@ -249,6 +253,7 @@ def _build(
     g.static_gates = static_gates
     g.pixel_shuffle = pixel_shuffle
     g.per_sample_qdq = per_sample_qdq
+    g.skip_guard = skip_guard
     out = emit(g, "lr", net)
     g.nodes.append(helper.make_node("Identity", [out], ["sr"], name="sr"))
     inputs = [helper.make_tensor_value_info("lr", TensorProto.FLOAT, ["N", n_colors, "H", "W"])]
@@ -518,7 +523,10 @@ def export_onnx(
             ``"onnxruntime"`` (default) or ``"openvino"``; it picks the pixel shuffle form when
             ``pixel_shuffle`` is None (Reshape/Transpose for onnxruntime, DepthToSpace for
             OpenVINO, each measured faster on its runtime); for OpenVINO, gated DDTB layers
-            quantize with float ops (it rejects a per-sample QuantizeLinear scale).
+            quantize with float ops (it rejects a per-sample QuantizeLinear scale), and each
+            residual block's QA3 output passes a ``Min`` at its top grid value before the skip
+            ``Add`` (an exact no-op: OpenVINO's CPU plugin otherwise fuses conv2 → QA3 → Add →
+            next quantizer into one int8 conv whose QA3 clamps without rounding).
 
     Returns:
         :class:`ExportReport`.
@@ -574,6 +582,7 @@ def export_onnx(
         gates,
         pixel_shuffle,
         _TARGETS[target]["per_sample_qdq"],
+        _TARGETS[target]["skip_guard"],
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

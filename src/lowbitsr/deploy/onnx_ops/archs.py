@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from ...models.edsr import EDSR, ResBlock
@@ -86,7 +87,13 @@ def _conv2_and_skip(
         qdq_float=between and not g.integer_convs,
         post_scale=blk.res_scale,
     )
-    t, _ = _act(g, t, blk.quant_act3, f"{name}.quant_act3")
+    t, qp3 = _act(g, t, blk.quant_act3, f"{name}.quant_act3")
+    if qp3 is not None and g.skip_guard:
+        # Exact no-op (DQ outputs never exceed the top code's value; same float32 product as
+        # DequantizeLinear) that stops OpenVINO's CPU plugin from fusing the Add and the next
+        # quantizer into conv2's post-ops, where it drops QA3's rounding (clamp only).
+        top = float(np.float32(qp3.hi - qp3.zero) * np.float32(qp3.step))
+        t = g.op("Min", [t, g.const(top)], f"{name}.quant_act3")
     return g.op("Add", [t, r], name)
 
 

@@ -45,6 +45,8 @@ class _Graph:
         self.float_weights = True
         self.pixel_shuffle = "transpose"
         self.per_sample_qdq = True
+        # OpenVINO target: Min(DQ(codes), top grid value) before a skip Add (exact no-op)
+        self.skip_guard = False
         # Granular-DQ: the model, and the [N] int64 candidate index of each sample (set at the
         # head, read by every GDQ quantizer)
         self.gdq: GranularDQModel | None = None
