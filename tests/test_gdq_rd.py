@@ -241,6 +241,13 @@ def test_image_fab_holds_every_image_at_its_budget(tmp_path: Path) -> None:
     tiles = image_tiles(big[0], 16, 12)
     assert torch.equal(back.decide_bits(tiles), free.flatten())
     assert torch.equal(back.decide_image_bits(tiles), bit_map.flatten())
+    # the ONNX graph decides each tile alone: refused rather than silently over budget
+    pytest.importorskip("onnx")
+    from lowbitsr.deploy import export_onnx
+    from lowbitsr.deploy.onnx_ops.graph import ExportError
+
+    with pytest.raises(ExportError, match="per-image rate control"):
+        export_onnx(back, tmp_path / "rc.onnx", check=False)
 
 
 def test_image_fab_config_is_checked() -> None:

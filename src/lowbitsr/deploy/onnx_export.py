@@ -556,6 +556,13 @@ def export_onnx(
         raise ExportError(
             f"export_onnx: target must be one of {', '.join(_TARGETS)}, got {target!r}"
         )
+    if isinstance(model, GranularDQModel) and model.config.image_fab is not None:
+        raise ExportError(
+            f"export_onnx: this Granular-DQ model has per-image rate control (image_fab "
+            f"{model.config.image_fab:g}), which the ONNX graph cannot hold (it decides each "
+            "tile alone); export it after model.set_image_fab(None), and pass the bits input "
+            "to keep a budget"
+        )
     if pixel_shuffle is None:
         pixel_shuffle = _TARGETS[target]["pixel_shuffle"]
     if pixel_shuffle not in ("transpose", "depth_to_space"):
