@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -55,6 +57,11 @@ def test_demo_runs_and_writes_table(tmp_path, capsys):
     assert (tmp_path / "demo_table.md").read_text().count("\n") == len(rows) + 2
     assert "PSNR" in capsys.readouterr().out
     assert (tmp_path / "edsr_baseline_x4_fp" / "astronaut.png").is_file()
+    # the rate-controlled Granular-DQ model holds its budget on every image
+    (rc,) = [r for r in rows if r["model"] == "edsr_baseline_x4_gdq_rc"]
+    assert rc["bits (W/A)"] == "8/patch-wise, <= 5 per image" and rc["FAB"] <= 5.0
+    per_image = json.loads((tmp_path / "edsr_baseline_x4_gdq_rc.json").read_text())["images"]
+    assert all(im["extra"]["fab"] <= 5.0 for im in per_image)
 
 
 def test_packed_shipped_model_loads_bit_exactly(tmp_path, monkeypatch):

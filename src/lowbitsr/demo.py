@@ -47,7 +47,9 @@ def _bits_label(name: str) -> str:
             stream = q.get("stream_bits")
             label += f" integer layout{f', {stream}-bit stream' if stream else ''}"
         return label
-    return f"{q.get('weight_bits', '?')}/patch-wise"
+    fab = q.get("image_fab")
+    per_image = f", <= {fab:g} per image" if fab is not None else ""
+    return f"{q.get('weight_bits', '?')}/patch-wise{per_image}"
 
 
 def demo_rows(
