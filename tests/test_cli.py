@@ -269,3 +269,13 @@ def test_image_fab_holds_each_image_budget(image_folder, tmp_path, capsys):
     argv = ["eval", str(tmp_path / "gdq_e2b"), "--dataset", f"folder:{image_folder}"]
     assert main([*argv, "--image-fab", "5", "--quiet"]) == 2
     one_line_error(capsys, "use_e2b: false")
+
+
+def test_saved_models_are_named_after_their_run():
+    from lowbitsr.specs import _display_name
+
+    assert _display_name("runs/campaign/gdq_s0/model") == "gdq_s0"
+    assert _display_name("runs/campaign/gdq_s0/model.json") == "gdq_s0"
+    assert _display_name("runs/campaign/gdq_s0/best.safetensors") == "gdq_s0_best"
+    assert _display_name("runs/photos.v2") == "photos.v2"
+    assert _display_name("exports/my_model.safetensors") == "my_model"

@@ -102,5 +102,17 @@ def load_any_model(
     from .deploy import is_packed_file, load_packed
 
     if is_packed_file(ref):
-        return load_packed(ref), Path(ref).stem
-    return load_model(ref), Path(ref).stem
+        return load_packed(ref), _display_name(ref)
+    return load_model(ref), _display_name(ref)
+
+
+def _display_name(ref: str) -> str:
+    """A short name for a saved model: its stem, with the run folder's name for a run's own
+    ``model`` / ``best`` files (``runs/x/gdq_s0/model`` -> ``gdq_s0``, ``.../best`` ->
+    ``gdq_s0_best``), which would otherwise all read "model"."""
+    path = Path(ref)
+    stem = path.stem if path.suffix in (".json", ".safetensors") else path.name
+    parent = path.resolve().parent.name
+    if stem in ("model", "best") and parent:
+        return parent if stem == "model" else f"{parent}_best"
+    return stem
