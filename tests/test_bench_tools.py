@@ -194,3 +194,14 @@ def test_ablation_ptq_quantizes_and_calibrates_a_float_model(tmp_path: Path) -> 
 
     with pytest.raises(LowbitsrError, match="float model"):
         ablation.post_training(q, args)
+
+
+def test_openvino_fusion_check_guard_keeps_the_rounding(tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    fusion = _bench("openvino_qdq_fusion")
+    out = tmp_path / "f.json"
+    assert fusion.main(["--json", str(out)]) == 0
+    plain, guarded = json.loads(out.read_text())["rows"]
+    assert guarded["max abs(OV - ORT)"] == 0.0 and guarded["ORT unchanged"]
+    assert plain["ORT unchanged"]  # the guard is a no-op for onnxruntime
