@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -395,7 +394,7 @@ class Campaign:
             m.s = torch.cat([m.s, extra], 1)
         stats = {**fit_rd_controller(new, m, **fit), "objective": objective}
         if image_fab is not None:  # per-image rate control at inference
-            new.config = dataclasses.replace(new.config, image_fab=float(image_fab))
+            new.set_image_fab(float(image_fab))
             stats["image_fab"] = float(image_fab)
         meta = json.loads((src_dir / "model.json").read_text())["meta"]
         run_dir.mkdir(parents=True, exist_ok=True)

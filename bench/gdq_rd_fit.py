@@ -37,17 +37,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowbitsr.evaluate import format_table
-from lowbitsr.quant.granular_dq.rd import (
-    calibrate_lambda,
-    fab_shift,
-    fit_linear,
-    images_tile_statistics,
-)
-
-
-def _shifted(logits: torch.Tensor, bits: torch.Tensor, target: float) -> torch.Tensor:
-    """Choices ``argmax(logits - d * bits)`` with the smallest ``d`` meeting the target."""
-    return (logits - fab_shift(logits, bits, target) * bits).argmax(1)
+from lowbitsr.quant.granular_dq.rate import rate_controlled_choice
+from lowbitsr.quant.granular_dq.rd import calibrate_lambda, fit_linear, images_tile_statistics
 
 
 def tile_features(run: Path, data: str) -> torch.Tensor:
@@ -133,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = sub if loss == "cost" else sub.argmin(1)
                 wt, bs = fit_linear(x[fit], target, loss=loss, l2=l2, classes=len(bits))
                 logits[use] = x[use] @ wt.T + bs
-            out[f"linear {loss} l2={l2:g}"] = summary(_shifted(logits, bits, args.target_fab))
+            chosen = rate_controlled_choice(logits, bits, args.target_fab)
+            out[f"linear {loss} l2={l2:g}"] = summary(chosen)
     record = {
         "source": str(path),
         "objective": args.objective,

@@ -194,13 +194,11 @@ def _is_main() -> bool:
     return context().is_main
 
 
-def _is_gdq(model: object) -> bool:
-    return callable(getattr(model, "set_image_fab", None))
-
-
 def _set_image_fab(model: object, image_fab: float, ref: str) -> None:
     """``--image-fab``: per-image rate control on a Granular-DQ model (one-line errors)."""
-    if not _is_gdq(model):
+    from ..evaluate import is_dynamic_bits
+
+    if not is_dynamic_bits(model):
         raise LowbitsrError(f"--image-fab needs a Granular-DQ model; {ref} is not one")
     try:
         model.set_image_fab(image_fab)  # type: ignore[attr-defined]
@@ -211,7 +209,7 @@ def _set_image_fab(model: object, image_fab: float, ref: str) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..data import build_dataset
     from ..data.io import check_output_path
-    from ..evaluate import evaluate, format_table
+    from ..evaluate import evaluate, format_table, is_dynamic_bits
 
     for folder, what in ((args.json_dir, "JSON results"), (args.save_images, "SR images")):
         if folder:
@@ -225,16 +223,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if ref != "bicubic":
                 scale = load_any_model(ref, None)[0].model_config["scale"]
                 break
-    if args.image_fab is not None and not any(
-        ref != "bicubic" and _is_gdq(load_any_model(ref, scale)[0]) for ref in args.models
-    ):
-        raise LowbitsrError("--image-fab needs a Granular-DQ model; none of the models is one")
+    loaded = []  # every model loaded and checked once, before any evaluation
     for ref in args.models:
         model, name = load_any_model(ref, scale)
         if model.model_config["scale"] != scale:
             raise LowbitsrError(f"{ref} is a x{model.model_config['scale']} model, not x{scale}")
-        if args.image_fab is not None and _is_gdq(model):
-            _set_image_fab(model, args.image_fab, ref)
+        loaded.append((ref, model, name))
+    if args.image_fab is not None:
+        gdq = [(r, m) for r, m, _ in loaded if is_dynamic_bits(m)]
+        if not gdq:
+            raise LowbitsrError("--image-fab needs a Granular-DQ model; none of the models is one")
+        for r, m in gdq:
+            _set_image_fab(m, args.image_fab, r)
+    for ref, model, name in loaded:
         for spec_text in args.dataset:
             spec = _dataset_spec(spec_text, args)
             ds = build_dataset(spec, scale, "eval")

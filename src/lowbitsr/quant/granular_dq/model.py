@@ -159,14 +159,20 @@ class GranularDQModel(nn.Module):
         and equals what ``forward`` uses; with a random or official gate call it once and pass
         the result to :meth:`force_bits`.
         """
+        with self._head_pass(lr) as (spec, ctx):
+            getattr(self.net, spec.head_attr)(spec.pre_head(self.net, lr))
+            assert ctx.bits is not None
+            return ctx.bits.clone()
+
+    @contextlib.contextmanager
+    def _head_pass(self, lr: Tensor) -> Iterator[tuple[_ArchSpec, BitContext]]:
+        """The bit context set up for a head-only pass over ``lr``, cleared afterwards."""
         _, spec = _arch_spec(self.net)
         ctx = self.ctx
         ctx.clear()
         ctx.lr, ctx.rgb_range = lr, self.rgb_range
         try:
-            getattr(self.net, spec.head_attr)(spec.pre_head(self.net, lr))
-            assert ctx.bits is not None
-            return ctx.bits.clone()
+            yield spec, ctx
         finally:
             ctx.clear()
 
@@ -174,15 +180,9 @@ class GranularDQModel(nn.Module):
     def gate_logits(self, lr: Tensor) -> Tensor:
         """The learned GBC's logits ``[N, len(gbc_bits)]`` for the patches ``lr`` ``[N, 3, H, W]``
         (head + GBC, no selection); a random or fixed gate has none (RuntimeError)."""
-        _, spec = _arch_spec(self.net)
-        tap = getattr(self.net, spec.head_attr)
-        ctx = self.ctx
-        ctx.clear()
-        ctx.lr, ctx.rgb_range = lr, self.rgb_range
-        try:
-            return self.controller.gbc_logits(tap.inner(spec.pre_head(self.net, lr)), ctx)
-        finally:
-            ctx.clear()
+        with self._head_pass(lr) as (spec, ctx):
+            z1 = getattr(self.net, spec.head_attr).inner(spec.pre_head(self.net, lr))
+            return self.controller.gbc_logits(z1, ctx)
 
     @torch.no_grad()
     def decide_image_bits(self, tiles: Tensor, max_batch: int = 16) -> Tensor:

@@ -54,7 +54,7 @@ def rate_controlled_choice(logits: Tensor, bits: Tensor, target_fab: float) -> T
         raise ValueError(
             f"rate_controlled_choice: logits must be [T, {bits.numel()}], got {tuple(logits.shape)}"
         )
-    bd = bits.double().to(logits.device)
+    bd, lg = bits.double().to(logits.device), logits.double()
     if not float(bd.min()) <= target_fab:
         raise ValueError(f"target_fab {target_fab} is below the lowest bit-width {int(bd.min())}")
-    return (logits.double() - fab_shift(logits, bd, target_fab) * bd).argmax(1)
+    return (lg - fab_shift(lg, bd, target_fab) * bd).argmax(1)
